@@ -1,0 +1,81 @@
+"""Each mistake a user can make in a config is one line that names the value and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from trainer import config as config_lib
+from trainer.errors import UserError
+
+DEMO = 'configs/demo.py'
+
+
+def load_and_validate(*overrides, devices=8):
+  config = config_lib.load(DEMO, list(overrides))
+  config_lib.validate(config, devices)
+  return config
+
+
+def test_override_sets_nested_value_with_its_type():
+  config = load_and_validate('--config.optim.lr=3e-4', '--config.model.n_layers', '2',
+                             '--config.model.tie_embeddings=false', '--config.mesh.fsdp=2')
+  assert config.optim.lr == 3e-4 and config.model.n_layers == 2
+  assert config.model.tie_embeddings is False and config.mesh.fsdp == 2
+
+
+def test_int_is_accepted_for_a_float_key():
+  assert load_and_validate('--config.optim.lr=1').optim.lr == 1.0
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.optim.lrr=1e-3'], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    (['--config.optimizer.lr=1e-3'], "unknown config key 'optimizer.lr'; did you mean 'optim'?"),
+    (['--config.optim.lr=fast'], "config key 'optim.lr' wants a float, got 'fast'"),
+    (['--config.model.n_layers=2.5'], "config key 'model.n_layers' wants a int, got '2.5'"),
+    (['--config.data.global_batch_size=12'],
+     'data.global_batch_size=12 does not divide over the batch axes data=8*fsdp=1; use a multiple of 8'),
+    (['--config.mesh.data=2', '--config.mesh.tensor=2'],
+     'mesh data=2 fsdp=1 tensor=2 needs 4 devices but 8 are available'),
+    (['--config.mesh.data=-1', '--config.mesh.tensor=3'],
+     'mesh data=-1 fsdp=1 tensor=3: the fixed axes (3 devices) do not divide the 8 devices available'),
+    (['--config.mesh.fsdp=-1'], 'mesh data=-1 fsdp=-1 tensor=1 has more than one axis set to -1'),
+    (['--config.model.remat=some'], "model.remat='some' must be one of ('none', 'full', 'dots')"),
+    (['--config.model.n_kv_heads=3'], 'model.n_heads=4 must be a multiple of model.n_kv_heads=3'),
+    (['--config.sharding.mlp=model'], "sharding.mlp='model' names mesh axis 'model'"),
+    (['--config.optim'], "override '--config.optim' has no value"),
+    (['--config.optim=1'], "config key 'optim' is a group; set one of its keys"),
+    (['--lr=1'], "unrecognized argument '--lr=1'"),
+])
+def test_bad_config_gives_its_message(overrides, message):
+  with pytest.raises(UserError) as error:
+    load_and_validate(*overrides)
+  assert message in str(error.value)
+  assert '\n' not in str(error.value)
+
+
+def test_missing_config_file():
+  with pytest.raises(UserError, match="config file 'configs/nope.py' does not exist"):
+    config_lib.load('configs/nope.py')
+
+
+def test_config_file_with_unknown_key(tmp_path):
+  path = tmp_path / 'bad.py'
+  path.write_text('from trainer.config import defaults\n'
+                  'def get_config(arg=None):\n  c = defaults()\n  c.model.widht = 3\n  return c\n')
+  with pytest.raises(UserError, match="sets unknown key 'model.widht'"):
+    config_lib.load(str(path))
+
+
+@pytest.mark.parametrize('spec', ['configs/demo.py', 'configs/paper.py:slm', 'configs/paper.py:llm'])
+def test_shipped_configs_validate_on_their_meshes(spec):
+  config = config_lib.load(spec)
+  config_lib.validate(config, 8 if spec == DEMO else 256)
+
+
+def test_cli_prints_one_line_and_no_traceback(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'trainer.cli', 'train', '--config', DEMO, '--workdir', str(tmp_path),
+       '--config.optim.lrr=1'], capture_output=True, text=True)
+  assert result.returncode == 2
+  assert result.stderr.strip() == "salt: error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"

@@ -1,0 +1,1 @@
+"""salt: pre-train a large language model with the help of a small one, in JAX."""

@@ -1,0 +1,70 @@
+"""The `salt` command: `salt train`, `salt prepare`."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from trainer.errors import UserError
+
+
+def _train(args, overrides):
+  from trainer import config as config_lib
+  from trainer.train import train
+
+  train(config_lib.load(args.config, overrides), Path(args.workdir))
+
+
+def _prepare(args, overrides):
+  from trainer.prepare import prepare
+
+  if overrides:
+    raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
+  manifest = prepare(args.inputs, Path(args.output), validation=args.validation or (),
+                     vocab_size=args.vocab_size, tokenizer=args.tokenizer, txt_split=args.txt_split,
+                     text_field=args.text_field)
+  for name, split in manifest['splits'].items():
+    logging.info('%s: %d documents, %d tokens in %d shards', name, split['documents'], split['tokens'],
+                 len(split['shards']))
+  for reason, count in manifest['skipped'].items():
+    logging.warning('skipped %d documents: %s', count, reason)
+  for problem in manifest['problems'][:20]:
+    logging.warning('  %s', problem)
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='salt', description=__doc__)
+  sub = p.add_subparsers(dest='command', required=True)
+
+  train = sub.add_parser('train', help='train a model', usage=(
+      'salt train --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR'))
+  train.add_argument('--config', required=True, help='a config file, optionally :ARG for get_config')
+  train.add_argument('--workdir', required=True, help='where the run writes everything')
+  train.set_defaults(run=_train)
+
+  prep = sub.add_parser('prepare', help='tokenize raw text into ArrayRecord shards')
+  prep.add_argument('inputs', nargs='+', help='.txt or .jsonl files or globs (training split)')
+  prep.add_argument('--output', required=True)
+  prep.add_argument('--validation', nargs='*', help='files or globs of the validation split')
+  prep.add_argument('--vocab-size', type=int, default=32000)
+  prep.add_argument('--tokenizer', help='an existing sentencepiece model to use instead of training one')
+  prep.add_argument('--txt-split', choices=('file', 'blank-line'), default='file',
+                    help='a .txt file is one document, or one per blank-line-separated block')
+  prep.add_argument('--text-field', default='text', help='the field of a .jsonl record holding its text')
+  prep.set_defaults(run=_prepare)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  logging.basicConfig(level=logging.INFO, format='%(message)s')
+  args, rest = parser().parse_known_args(argv)
+  try:
+    args.run(args, rest)
+  except UserError as e:
+    print(f'salt: error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

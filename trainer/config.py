@@ -1,0 +1,230 @@
+"""The config schema, loading a config file with command-line overrides, and validation.
+
+A config file is a Python file with `get_config(arg=None)` that starts from
+`defaults()` and changes what it needs. Every key a run can read exists in
+`defaults()`, so an unknown key on the command line is an error, not a silent no-op.
+"""
+
+import ast
+import difflib
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from trainer.errors import UserError
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+REMAT_POLICIES = ('none', 'full', 'dots')
+DECAY_SCHEDULES = ('cosine', 'linear')
+DTYPES = ('float32', 'bfloat16')
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every key of a salt config, with the values of a small model."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+
+  c.model = dict(
+      vocab_size=32000,
+      d_model=512,
+      n_layers=8,
+      n_heads=8,
+      n_kv_heads=8,
+      head_dim=64,
+      d_ff=1408,
+      rope_theta=10000.0,
+      norm_eps=1e-5,
+      tie_embeddings=False,
+      init_std=0.02,
+      dtype='bfloat16',  # compute dtype; parameters are always float32
+      remat='none',  # one of REMAT_POLICIES, applied per layer
+  )
+  c.data = dict(
+      path='',  # a directory written by `salt prepare`; '' = embedded Shakespeare
+      seq_len=1024,
+      global_batch_size=32,
+      shuffle_seed=0,
+  )
+  c.optim = dict(
+      lr=3e-4,
+      min_lr_ratio=0.1,
+      warmup_steps=100,
+      decay='cosine',  # one of DECAY_SCHEDULES
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,
+  )
+  c.loss = dict(vocab_chunk=8192)
+  # Mesh axis sizes; -1 takes the devices the other axes leave.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Logical axis -> comma-separated mesh axes ('' = replicated).
+  c.sharding = dict(
+      batch='data,fsdp',
+      embed='fsdp',
+      vocab='tensor',
+      heads='tensor',
+      kv_heads='tensor',
+      mlp='tensor',
+      head_dim='',
+      layers='',
+      norm='',
+  )
+  c.eval = dict(every_steps=200, batches=8)
+  c.log = dict(every_steps=10)
+  return c
+
+
+def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `FILE[:ARG]` and applies `--config.KEY=VALUE` overrides.
+
+  Raises:
+    UserError: the file is missing or has no get_config, an override names an
+      unknown key or gives a value of the wrong type.
+  """
+  path, _, arg = spec.partition(':')
+  if not Path(path).is_file():
+    raise UserError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location(f'salt_config_{Path(path).stem}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise UserError(f'config file {path!r} defines no get_config(arg=None)')
+  config = module.get_config(arg or None)
+  unknown = _unknown_keys(config, defaults())
+  if unknown:
+    raise UserError(f'config file {path!r} sets unknown key {unknown[0]!r}')
+  config.lock()
+  for override in _split_overrides(overrides):
+    _apply_override(config, *override)
+  return config
+
+
+def _unknown_keys(config, schema, prefix='') -> list[str]:
+  unknown = []
+  for key, value in config.items():
+    name = prefix + key
+    if key not in schema:
+      unknown.append(name)
+    elif isinstance(value, ml_collections.ConfigDict):
+      unknown += _unknown_keys(value, schema[key], name + '.')
+  return unknown
+
+
+def _split_overrides(args: list[str]) -> list[tuple[str, str]]:
+  """`--config.a.b=v` and `--config.a.b v` -> [('a.b', 'v')]."""
+  pairs, i = [], 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith('--config.'):
+      raise UserError(f'unrecognized argument {arg!r}; overrides look like --config.optim.lr=3e-4')
+    key, eq, value = arg[len('--config.'):].partition('=')
+    if not eq:
+      if i + 1 == len(args):
+        raise UserError(f'override {arg!r} has no value; write {arg}=VALUE')
+      value, i = args[i + 1], i + 1
+    pairs.append((key, value))
+    i += 1
+  return pairs
+
+
+def _apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  parts = key.split('.')
+  node = config
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, options, n=1)
+      hint = f"; did you mean {'.'.join(parts[:depth] + close[:1])!r}?" if close else ''
+      raise UserError(f'unknown config key {key!r}{hint}')
+    if depth < len(parts) - 1:
+      node = node[part]
+  leaf = parts[-1]
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise UserError(f'config key {key!r} is a group; set one of its keys: {", ".join(current.keys())}')
+  value = _parse(text, type(current))
+  try:
+    node[leaf] = value
+  except TypeError:
+    raise UserError(
+        f'config key {key!r} wants a {type(current).__name__}, got {text!r}') from None
+
+
+def _parse(text: str, want: type) -> Any:
+  if want is str:
+    return text
+  if want is bool:
+    if text.lower() in ('true', '1', 'yes'):
+      return True
+    if text.lower() in ('false', '0', 'no'):
+      return False
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  # ConfigDict accepts an int for a float field but not the other way round.
+  if want is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  return value
+
+
+def mesh_shape(mesh: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
+  """Resolves -1 in the mesh config against the device count."""
+  sizes = {axis: mesh[axis] for axis in MESH_AXES}
+  free = [axis for axis, size in sizes.items() if size == -1]
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  described = ' '.join(f'{a}={s}' for a, s in sizes.items())
+  if len(free) > 1:
+    raise UserError(f'mesh {described} has more than one axis set to -1; at most one may take the rest')
+  if any(size == 0 or size < -1 for size in sizes.values()):
+    raise UserError(f'mesh {described} has an axis size that is not positive or -1')
+  if free:
+    if device_count % fixed:
+      raise UserError(
+          f'mesh {described}: the fixed axes ({fixed} devices) do not divide the '
+          f'{device_count} devices available')
+    sizes[free[0]] = device_count // fixed
+  elif fixed != device_count:
+    raise UserError(
+        f'mesh {described} needs {fixed} devices but {device_count} are available; '
+        f'make the product {device_count} or set one axis to -1')
+  return sizes
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
+  """Checks what can be checked before building anything; raises UserError."""
+  m, d, o = config.model, config.data, config.optim
+  _require(config.total_steps > 0, f'total_steps={config.total_steps} must be positive')
+  _require(m.dtype in DTYPES, f'model.dtype={m.dtype!r} must be one of {DTYPES}')
+  _require(m.remat in REMAT_POLICIES, f'model.remat={m.remat!r} must be one of {REMAT_POLICIES}')
+  _require(o.decay in DECAY_SCHEDULES, f'optim.decay={o.decay!r} must be one of {DECAY_SCHEDULES}')
+  _require(m.n_heads % m.n_kv_heads == 0,
+           f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
+  _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} must be even for rotary embeddings')
+  _require(0 <= o.warmup_steps < config.total_steps,
+           f'optim.warmup_steps={o.warmup_steps} must be in [0, total_steps={config.total_steps})')
+  _require(config.loss.vocab_chunk > 0, f'loss.vocab_chunk={config.loss.vocab_chunk} must be positive')
+  _require(d.seq_len > 0, f'data.seq_len={d.seq_len} must be positive')
+  for logical, axes in config.sharding.items():
+    for axis in filter(None, axes.split(',')):
+      _require(axis in MESH_AXES,
+               f'sharding.{logical}={axes!r} names mesh axis {axis!r}; mesh axes are {MESH_AXES}')
+  sizes = mesh_shape(config.mesh, device_count)
+  batch_axes = [a for a in config.sharding.batch.split(',') if a]
+  shards = math.prod(sizes[a] for a in batch_axes)
+  _require(
+      d.global_batch_size > 0 and d.global_batch_size % shards == 0,
+      f'data.global_batch_size={d.global_batch_size} does not divide over the batch axes '
+      f'{"*".join(f"{a}={sizes[a]}" for a in batch_axes)}; use a multiple of {shards}')
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise UserError(message)

@@ -1,0 +1,109 @@
+"""What a run reports: JSON lines, TensorBoard events, a progress bar, and MFU.
+
+Only process 0 writes; the others get a writer that does nothing, so the training
+loop never asks which process it is on.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import tqdm
+from tensorboardX import SummaryWriter
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets. Matched against
+# jax.Device.device_kind by prefix, longest first.
+PEAK_FLOPS = {
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA B200': 2250e12,
+    'NVIDIA A100': 312e12,
+    'NVIDIA L4': 121e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
+    'TPU7x': 2307e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """Peak FLOP/s of one device, or None where unknown (CPUs)."""
+  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if device.device_kind.startswith(prefix):
+      return PEAK_FLOPS[prefix]
+  return None
+
+
+class MetricWriter:
+  """metrics.jsonl (one object per logged step) and TensorBoard events under a directory."""
+
+  def __init__(self, workdir: Path, enabled: bool):
+    self.enabled = enabled
+    if enabled:
+      self.jsonl = open(Path(workdir) / 'metrics.jsonl', 'a')
+      self.tensorboard = SummaryWriter(str(Path(workdir) / 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self.jsonl.flush()
+    for name, value in metrics.items():
+      self.tensorboard.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tensorboard.close()
+
+
+class Throughput:
+  """Tokens/s and MFU over the steps since the last call."""
+
+  def __init__(self, flops_per_token: float, tokens_per_step: int, devices: list[jax.Device]):
+    peak = peak_flops(devices[0])
+    self.flops_per_step = flops_per_token * tokens_per_step
+    self.tokens_per_step = tokens_per_step
+    self.peak = peak * len(devices) if peak else None
+    self.last_time, self.last_step = time.perf_counter(), None
+
+  def restart(self, step: int) -> None:
+    """Starts the next interval now, so time spent outside training steps is not counted."""
+    self.last_time, self.last_step = time.perf_counter(), step
+
+  def __call__(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    last_step, self.last_step = self.last_step, step
+    elapsed, self.last_time = now - self.last_time, now
+    if last_step is None or step == last_step:
+      return {}
+    seconds_per_step = elapsed / (step - last_step)
+    out = {'tokens_per_sec': self.tokens_per_step / seconds_per_step, 'step_time': seconds_per_step}
+    if self.peak:
+      out['mfu'] = self.flops_per_step / seconds_per_step / self.peak
+    return out
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm.tqdm:
+  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+                   bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}')
+
+
+def describe(metrics: dict[str, float]) -> str:
+  """The progress bar's postfix: loss, tokens/s, MFU (n/a where the peak is unknown)."""
+  parts = [f'loss {metrics["loss"]:.3f}']
+  if 'tokens_per_sec' in metrics:
+    parts.append(f'{metrics["tokens_per_sec"]:,.0f} tok/s')
+  mfu = metrics.get('mfu')
+  parts.append(f'MFU {mfu:.1%}' if mfu is not None else 'MFU n/a')
+  return ', '.join(parts)
+
+
+def bits_per_byte(loss_sum: float, num_bytes: float) -> float:
+  return loss_sum / math.log(2) / max(num_bytes, 1.0)

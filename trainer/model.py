@@ -1,0 +1,165 @@
+"""A decoder-only Transformer (Llama-style) in Flax NNX.
+
+RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU MLP, with
+the layers stacked on a leading axis and applied by `jax.lax.scan`. Attention stays
+inside a document of a packed row (segment ids). The model returns final hidden
+states; the unembedding is a separate matrix so that the loss can stream over the
+vocabulary without ever building the logits.
+
+Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `layers`, `norm`); `trainer.sharding` maps them to mesh axes.
+
+Shapes in names:
+  B batch, L sequence length, D model width, H query heads, K key/value heads,
+  G query heads per key/value head (H = K * G), E head dim, F MLP width,
+  V vocabulary, N layers.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: str = 'bfloat16'
+  remat: str = 'none'
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
+  init = nnx.with_partitioning(nnx.initializers.normal(std), axes)
+  return nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+
+def _ones(shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
+  return nnx.Param(nnx.with_partitioning(nnx.initializers.ones, axes)(None, shape, jnp.float32))
+
+
+def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+  x = x_BxLxD.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return (x * scale_D).astype(x_BxLxD.dtype)
+
+
+def rotary(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotates the two halves of each head (the Llama / Hugging Face convention)."""
+  half = x_BxLxHxE.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xE2 = (positions_BxL[..., None].astype(jnp.float32) * freq)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxLx1xE2), jnp.cos(angle_BxLx1xE2)
+  x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxE.dtype)
+
+
+class Block(nnx.Module):
+  """One pre-norm Transformer layer: attention then SwiGLU MLP, each residual."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, H, K, E, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    in_std = D ** -0.5
+    # Output projections shrink with depth so the residual stream keeps its scale.
+    out_std = (2 * cfg.n_layers * D) ** -0.5
+    self.attn_norm = _ones((D,), ('norm',))
+    self.wq_DxHxE = _param(rngs, (D, H, E), ('embed', 'heads', 'head_dim'), in_std)
+    self.wk_DxKxE = _param(rngs, (D, K, E), ('embed', 'kv_heads', 'head_dim'), in_std)
+    self.wv_DxKxE = _param(rngs, (D, K, E), ('embed', 'kv_heads', 'head_dim'), in_std)
+    self.wo_HxExD = _param(rngs, (H, E, D), ('heads', 'head_dim', 'embed'), out_std)
+    self.mlp_norm = _ones((D,), ('norm',))
+    self.w_gate_DxF = _param(rngs, (D, F), ('embed', 'mlp'), in_std)
+    self.w_up_DxF = _param(rngs, (D, F), ('embed', 'mlp'), in_std)
+    self.w_down_FxD = _param(rngs, (F, D), ('mlp', 'embed'), out_std)
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array) -> jax.Array:
+    cfg, dtype = self.cfg, x_BxLxD.dtype
+    h = rms_norm(x_BxLxD, self.attn_norm[...], cfg.norm_eps)
+    q = jnp.einsum('bld,dhe->blhe', h, self.wq_DxHxE[...].astype(dtype))
+    k = jnp.einsum('bld,dke->blke', h, self.wk_DxKxE[...].astype(dtype))
+    v = jnp.einsum('bld,dke->blke', h, self.wv_DxKxE[...].astype(dtype))
+    q = rotary(q, positions_BxL, cfg.rope_theta)
+    k = rotary(k, positions_BxL, cfg.rope_theta)
+    attn_BxLxHxE = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
+    x_BxLxD = x_BxLxD + jnp.einsum('blhe,hed->bld', attn_BxLxHxE, self.wo_HxExD[...].astype(dtype))
+
+    h = rms_norm(x_BxLxD, self.mlp_norm[...], cfg.norm_eps)
+    gate = jnp.einsum('bld,df->blf', h, self.w_gate_DxF[...].astype(dtype))
+    up = jnp.einsum('bld,df->blf', h, self.w_up_DxF[...].astype(dtype))
+    down = jnp.einsum('blf,fd->bld', jax.nn.silu(gate) * up, self.w_down_FxD[...].astype(dtype))
+    return x_BxLxD + down
+
+
+_REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """tokens, positions, segment ids [B, L] -> final hidden states [B, L, D]."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, V = cfg.d_model, cfg.vocab_size
+    self.embed_VxD = _param(rngs, (V, D), ('vocab', 'embed'), cfg.init_std)
+    layer_keys = jax.random.split(rngs.params(), cfg.n_layers)
+    self.layers = nnx.vmap(
+        lambda key: Block(cfg, nnx.Rngs(params=key)),
+        transform_metadata={nnx.PARTITION_NAME: 'layers'},
+    )(layer_keys)
+    self.final_norm = _ones((D,), ('norm',))
+    if not cfg.tie_embeddings:
+      self.unembed_DxV = _param(rngs, (D, V), ('embed', 'vocab'), D ** -0.5)
+
+  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    x_BxLxD = self.embed_VxD[...].astype(cfg.dtype)[tokens_BxL]
+    L = tokens_BxL.shape[1]
+    causal_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
+    same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    mask_Bx1xLxL = (causal_LxL & same_doc_BxLxL)[:, None]
+
+    graphdef, layers = nnx.split(self.layers)
+
+    def layer(x, layer_params):
+      return nnx.merge(graphdef, layer_params)(x, positions_BxL, mask_Bx1xLxL), None
+
+    if cfg.remat != 'none':
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+    x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, layers)
+    return rms_norm(x_BxLxD, self.final_norm[...], cfg.norm_eps)
+
+  def unembedding(self) -> jax.Array:
+    """The [D, V] output matrix (the transposed embedding when tied), float32."""
+    return self.embed_VxD[...].T if self.cfg.tie_embeddings else self.unembed_DxV[...]
+
+
+def param_count(cfg: ModelConfig) -> int:
+  D, H, K, E, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+  per_layer = D * E * (2 * H + 2 * K) + 3 * D * F + 2 * D
+  return cfg.n_layers * per_layer + V * D * (1 if cfg.tie_embeddings else 2) + D
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul parameters + attention scores (PaLM, appendix B).
+
+  The embedding lookup is not a matmul; the unembedding is. Attention counts the full
+  L x L score matrix, as MaxText and PaLM do, so MFU figures compare across trainers.
+  """
+  D, H, K, E, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+  matmul_params = cfg.n_layers * (D * E * (2 * H + 2 * K) + 3 * D * F) + D * V
+  attention = 12 * cfg.n_layers * H * E * seq_len
+  return 6 * matmul_params + attention

@@ -1,0 +1,116 @@
+"""Train state, its sharded initialisation, and the jitted train and eval steps.
+
+The state is a pytree of arrays; the steps are pure functions of (state, batch). The
+model's structure (an NNX GraphDef) is static and closed over, so `jax.jit` sees only
+arrays with explicit shardings: the same program on one CPU, a GPU host or a pod.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from kernels import chunked_cross_entropy
+from trainer import sharding
+from trainer.model import ModelConfig, Transformer
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's structure and parameter shapes, without allocating anything."""
+  with nnx.use_eager_sharding(False):
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+
+
+def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding.Rules) -> TrainState:
+  """Where every array of the train state lives: parameters by their logical axes,
+  optimizer moments like the parameters they track, scalars replicated."""
+  logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract_params))
+  params = sharding.tree_shardings(abstract_params, logical, mesh, rules)
+  opt_state = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  return TrainState(step=sharding.replicated(mesh), params=params, opt_state=opt_state)
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+               shardings: TrainState) -> TrainState:
+  """A fresh train state, each array created directly in its shards."""
+
+  def init(key):
+    with nnx.use_eager_sharding(False):
+      _, params = nnx.split(Transformer(cfg, nnx.Rngs(key)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, vocab_chunk: int) -> jax.Array:
+  """Per-token next-token cross-entropy, [B, L] float32 (padding included; weight it)."""
+  model = nnx.merge(graphdef, params)
+  h_BxLxD = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+  B, L, D = h_BxLxD.shape
+  losses = chunked_cross_entropy(h_BxLxD.reshape(B * L, D), model.unembedding(),
+                                 batch['targets'].reshape(B * L), chunk=vocab_chunk)
+  return losses.reshape(B, L)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, vocab_chunk: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  def loss_fn(params, batch):
+    weights = batch['weights']
+    loss = (token_losses(graphdef, params, batch, vocab_chunk) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    return loss
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': loss,
+        'grad_norm': optax.tree.norm(grads),
+        'lr': schedule(state.step),
+        'tokens': batch['weights'].sum(),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, vocab_chunk: int, token_bytes: jax.Array) -> Callable[[nnx.State, Batch], dict]:
+  """Sums over a batch: loss (nats), tokens, and the UTF-8 bytes those tokens stand for."""
+
+  def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
+    weights = batch['weights']
+    losses = token_losses(graphdef, params, batch, vocab_chunk)
+    return {
+        'loss_sum': (losses * weights).sum(),
+        'tokens': weights.sum(),
+        'bytes': (jnp.asarray(token_bytes)[batch['targets']] * weights).sum(),
+    }
+
+  return eval_step
+
+
+def jit_steps(train_step, eval_step, shardings: TrainState, batch_sharding, mesh: Mesh) -> tuple[Any, Any]:
+  """Both steps under jit with explicit shardings; the train state is donated."""
+  batch_shardings = {k: batch_sharding for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
+  replicated = sharding.replicated(mesh)
+  train = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                  out_shardings=(shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(shardings.params, batch_shardings), out_shardings=replicated)
+  return train, evaluate
