@@ -54,13 +54,15 @@ def main():
   step_seconds = (time.perf_counter() - start) / args.steps
 
   tokens_per_sec = config.data.global_batch_size * seq_len / step_seconds
+  model_flops_per_sec = flops_per_token(model_cfg, seq_len) * tokens_per_sec
   peak = peak_flops(jax.devices()[0])
-  mfu = flops_per_token(model_cfg, seq_len) * tokens_per_sec / (peak * jax.device_count()) if peak else None
+  mfu = model_flops_per_sec / (peak * jax.device_count()) if peak else None
   print(json.dumps({
       'config': args.config, 'overrides': overrides, 'device': jax.devices()[0].device_kind,
       'devices': jax.device_count(), 'params': param_count(model_cfg),
       'compile_s': round(compile_seconds, 2), 'step_s': round(step_seconds, 4),
-      'tokens_per_sec': round(tokens_per_sec), 'mfu': None if mfu is None else round(mfu, 4),
+      'tokens_per_sec': round(tokens_per_sec), 'model_tflops_per_sec': round(model_flops_per_sec / 1e12, 4),
+      'mfu': None if mfu is None else round(mfu, 4),
   }))
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from trainer.errors import UserError
 
+log = logging.getLogger('salt')
+
 
 def _train(args, overrides):
   from trainer import config as config_lib
@@ -24,12 +26,12 @@ def _prepare(args, overrides):
                      vocab_size=args.vocab_size, tokenizer=args.tokenizer, txt_split=args.txt_split,
                      text_field=args.text_field)
   for name, split in manifest['splits'].items():
-    logging.info('%s: %d documents, %d tokens in %d shards', name, split['documents'], split['tokens'],
+    log.info('%s: %d documents, %d tokens in %d shards', name, split['documents'], split['tokens'],
                  len(split['shards']))
   for reason, count in manifest['skipped'].items():
-    logging.warning('skipped %d documents: %s', count, reason)
+    log.warning('skipped %d documents: %s', count, reason)
   for problem in manifest['problems'][:20]:
-    logging.warning('  %s', problem)
+    log.warning('  %s', problem)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format='%(message)s')
+  # salt's own messages at INFO; libraries only when they warn.
+  logging.basicConfig(level=logging.WARNING, format='%(message)s')
+  log.setLevel(logging.INFO)
   args, rest = parser().parse_known_args(argv)
   try:
     args.run(args, rest)
