@@ -31,14 +31,15 @@ def write_corpus(directory, n_docs: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory):
-  """A prepared directory: 60 training documents, 8 validation documents, 320 tokens."""
+  """A prepared directory: 60 training documents (records of at most 64 tokens, so long
+  documents span several), 8 validation documents, a 320-token vocabulary."""
   root = tmp_path_factory.mktemp('corpus')
   (root / 'train').mkdir()
   (root / 'valid').mkdir()
   train = write_corpus(root / 'train', 60, seed=0)
   valid = write_corpus(root / 'valid', 8, seed=1)
   out = root / 'prepared'
-  prepare(train, out, validation=valid, vocab_size=320, docs_per_shard=16)
+  prepare(train, out, validation=valid, vocab_size=320, max_record_tokens=64, workers=2)
   return out
 
 

@@ -1,58 +1,191 @@
-"""`salt prepare` and the loader: counts, skipped input, packing that respects documents."""
+"""`salt prepare` and the loader: counts, bad input, resumable prepare, exact epochs,
+disjoint hosts, a state that is just the step, packing that respects documents."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
+from tests.conftest import write_corpus
 from trainer import data
 from trainer.errors import UserError
 from trainer.prepare import prepare, read_manifest
 
 
-def test_manifest_counts_documents_and_tokens(tiny_data):
+def stream_tokens(stream):
+  """(document, position) of every token in the stream, read record by record."""
+  pairs = []
+  for record, length in zip(stream.records, np.diff(stream.offsets)):
+    pairs += [(stream.document[record], stream.start[record] + i) for i in range(length)]
+  return pairs
+
+
+def read_rows(stream, rows):
+  """(document, position) of every real token in the given rows."""
+  pairs = []
+  for r in rows:
+    row = stream.row(r)
+    lo = r * stream.row_len
+    for i in np.flatnonzero(row['segment_ids']):
+      k = np.searchsorted(stream.offsets, lo + i, side='right') - 1
+      pairs.append((stream.document[stream.records[k]], row['positions'][i]))
+  return pairs
+
+
+# --- prepare ---------------------------------------------------------------------------
+
+
+def test_manifest_counts_documents_records_and_tokens(tiny_data):
   manifest = read_manifest(tiny_data)
   train = manifest['splits']['train']
-  assert train['documents'] == 60 and len(train['shards']) == 4  # 16 documents per shard
+  assert train['documents'] == 60 and len(train['shards']) == 60  # one shard per input file
   assert sum(s['tokens'] for s in train['shards']) == train['tokens']
+  assert train['records'] > train['documents']  # some documents exceed 64 tokens
   assert manifest['splits']['validation']['documents'] == 8
   assert manifest['vocab_size'] == 320 and manifest['dtype'] == 'uint16'
   assert 0 < manifest['unigram_entropy'] < np.log(320)
 
 
-def test_bad_input_is_skipped_counted_and_reported(tmp_path, tiny_data):
+def test_long_documents_span_consecutive_records(tiny_data):
+  stream = data.TokenStream(tiny_data, 'train', seq_len=16)
+  lengths = np.diff(stream.offsets)
+  assert lengths.max() == 64
+  for k in np.flatnonzero(stream.start > 0):
+    # A continuation record follows the previous part of the same document.
+    assert stream.document[k] == stream.document[k - 1]
+    assert stream.start[k] == stream.start[k - 1] + lengths[k - 1] == stream.start[k - 1] + 64
+
+
+def test_every_kind_of_bad_input_is_skipped_counted_and_reported(tmp_path, tiny_data):
   good = tmp_path / 'good.jsonl'
   good.write_text('\n'.join(json.dumps({'text': f'the king speaks {i}.'}) for i in range(5)) + '\n')
   bad = tmp_path / 'bad.jsonl'
   bad.write_bytes(b'{"text": "fine"}\n{not json}\n{"body": "no text field"}\n'
-                  b'{"text": "\xff\xfe"}\n{"text": "   "}\n')
+                  b'{"text": "\xff\xfe"}\n{"text": "   "}\n[1, 2]\n')
   broken_txt = tmp_path / 'broken.txt'
   broken_txt.write_bytes(b'caf\xe9')
-  manifest = prepare([str(good), str(bad), str(broken_txt)], tmp_path / 'out',
-                     tokenizer=tiny_data / 'tokenizer.model')
-  assert manifest['splits']['train']['documents'] == 6
-  assert manifest['skipped'] == {'JSONDecodeError': 1, 'KeyError': 1, 'UnicodeDecodeError': 2, 'empty': 1}
-  assert any(p.startswith(f'{bad}:2: JSONDecodeError') for p in manifest['problems'])
-  assert any(p.startswith(f'{broken_txt}: invalid UTF-8 at byte 3') for p in manifest['problems'])
+  empty_txt = tmp_path / 'empty.txt'
+  empty_txt.write_text('\n\n')
+  table = tmp_path / 'table.parquet'
+  pq.write_table(pa.table({'text': ['the queen runs.', '', None]}), table)
+  wrong_column = tmp_path / 'other.parquet'
+  pq.write_table(pa.table({'body': ['x']}), wrong_column)
+  not_parquet = tmp_path / 'junk.parquet'
+  not_parquet.write_bytes(b'this is not parquet')
+
+  manifest = prepare([str(p) for p in (good, bad, broken_txt, empty_txt, table, wrong_column, not_parquet)],
+                     tmp_path / 'out', tokenizer=tiny_data / 'tokenizer.model', workers=2)
+  assert manifest['splits']['train']['documents'] == 5 + 1 + 1
+  assert manifest['skipped'] == {
+      'not JSON': 1, "no text field 'text'": 2, 'invalid UTF-8': 2, 'empty document': 4,
+      "no column 'text'": 1, 'unreadable parquet file': 1}
+  problems = '\n'.join(manifest['problems'])
+  for where in (f'{bad}:2: not JSON', f"{bad}:3: no text field 'text'", f'{bad}:4: byte 10: invalid UTF-8',
+                f'{bad}:5: empty document', f'{broken_txt}: byte 3: invalid UTF-8', f'{table}: row 2: empty',
+                f'{table}: row 3: empty', f'{wrong_column}: columns are', f'{not_parquet}:'):
+    assert where in problems, where
 
 
-def test_missing_input_is_a_clear_error(tmp_path):
+def test_missing_input_and_unknown_type_are_clear_errors(tmp_path):
   with pytest.raises(UserError, match="input 'nowhere/\\*.txt' matches no file"):
     prepare(['nowhere/*.txt'], tmp_path / 'out')
+  (tmp_path / 'notes.md').write_text('x')
+  with pytest.raises(UserError, match="unsupported input type '.md'; use .txt, .jsonl or .parquet"):
+    prepare([str(tmp_path / 'notes.md')], tmp_path / 'out')
+
+
+def shard_bytes(directory):
+  return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.suffix in ('.arrayrecord', '.npz')}
+
+
+def test_prepare_killed_midway_and_rerun_gives_the_same_shards(tmp_path, tiny_data):
+  (tmp_path / 'in').mkdir()
+  inputs = write_corpus(tmp_path / 'in', 40, seed=7)
+  tokenizer = str(tiny_data / 'tokenizer.model')
+  prepare(inputs, tmp_path / 'whole', tokenizer=tokenizer, workers=1)
+
+  code = ('import sys; from trainer.prepare import prepare; '
+          f'prepare(sys.argv[1:], {str(tmp_path / "killed")!r}, tokenizer={tokenizer!r}, workers=1)')
+  process = subprocess.Popen([sys.executable, '-c', code, *inputs])
+  deadline = time.time() + 60
+  while len(list((tmp_path / 'killed').glob('train-*.json'))) < 5 and time.time() < deadline:
+    time.sleep(0.01)
+  os.kill(process.pid, signal.SIGKILL)
+  process.wait()
+  finished = len(list((tmp_path / 'killed').glob('train-*.json')))
+  assert 5 <= finished < 40 and not (tmp_path / 'killed' / 'manifest.json').exists()
+
+  manifest = prepare(inputs, tmp_path / 'killed', tokenizer=tokenizer, workers=2)
+  assert shard_bytes(tmp_path / 'killed') == shard_bytes(tmp_path / 'whole')
+  assert manifest['splits'] == read_manifest(tmp_path / 'whole')['splits']
+  assert not list((tmp_path / 'killed').glob('*.partial'))
+
+
+# --- loader ----------------------------------------------------------------------------
+
+
+def test_one_epoch_reads_every_token_of_every_document_exactly_once(tiny_data):
+  stream = data.TokenStream(tiny_data, 'train', seq_len=24)
+  global_batch = 4
+  steps = len(stream) // global_batch  # whole steps inside the first epoch
+  rows = data.grain.MapDataset.range(len(stream)).shuffle(5).repeat()
+  epoch = [rows[i] for i in range(len(stream))]
+  assert sorted(epoch) == list(range(len(stream)))
+  assert sorted(read_rows(stream, epoch)) == sorted(stream_tokens(stream))
+  # The batches hand out exactly those rows, in that order.
+  batches = list(data.train_batches(stream, global_batch=global_batch, seed=5, first_step=0, num_steps=steps))
+  first_rows = [stream.row(r) for r in epoch[:steps * global_batch]]
+  got = np.concatenate([b['inputs'] for b in batches])
+  np.testing.assert_array_equal(got, np.stack([r['tokens'][:-1] for r in first_rows]))
+
+
+def test_two_processes_read_disjoint_halves_of_each_global_batch(tiny_data):
+  stream = data.TokenStream(tiny_data, 'train', seq_len=24)
+  kwargs = dict(global_batch=8, seed=1, first_step=0, num_steps=6)
+  whole = list(data.train_batches(stream, **kwargs))
+  halves = [list(data.train_batches(stream, process_index=p, process_count=2, **kwargs)) for p in (0, 1)]
+  for step in range(6):
+    for key in whole[step]:
+      np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]),
+                                    whole[step][key])
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_a_restart_at_step_k_reads_what_the_uninterrupted_run_reads(tiny_data, workers):
+  stream = data.TokenStream(tiny_data, 'train', seq_len=24)
+  uninterrupted = list(data.train_batches(stream, global_batch=4, seed=2, first_step=0, num_steps=12))
+  # Restart mid-epoch at step 7, with worker processes, then on 4 "hosts" instead of 1.
+  resumed = list(data.train_batches(stream, global_batch=4, seed=2, first_step=7, num_steps=5, workers=workers))
+  for got, want in zip(resumed, uninterrupted[7:], strict=True):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  on_four_hosts = [list(data.train_batches(stream, global_batch=4, seed=2, first_step=7, num_steps=5,
+                                           process_index=p, process_count=4)) for p in range(4)]
+  for step in range(5):
+    np.testing.assert_array_equal(np.concatenate([h[step]['inputs'] for h in on_four_hosts]),
+                                  uninterrupted[7 + step]['inputs'])
 
 
 def test_packed_rows_follow_the_source_documents(tiny_data):
+  stream = data.TokenStream(tiny_data, 'train', seq_len=64)
   sp = spm.SentencePieceProcessor(model_file=str(tiny_data / 'tokenizer.model'))
-  batch = next(data.train_batches(tiny_data, seq_len=64, batch_size=8, seed=3))
+  batch = next(data.train_batches(stream, global_batch=8, seed=3, first_step=0, num_steps=1))
   assert all(v.shape == (8, 64) for v in batch.values())
   for row in range(8):
     inputs, targets, segments = batch['inputs'][row], batch['targets'][row], batch['segment_ids'][row]
     np.testing.assert_array_equal(inputs[1:], targets[:-1])
-    for segment in np.unique(segments):
+    for segment in np.unique(segments[segments > 0]):
       where = segments == segment
-      # Each segment is one contiguous piece of one document: positions count up by one
-      # and no EOS appears before the piece's end.
+      # One contiguous piece of one document: positions count up by one, no EOS inside.
+      assert np.all(np.diff(np.flatnonzero(where)) == 1)
       np.testing.assert_array_equal(np.diff(batch['positions'][row][where]), 1)
       assert sp.eos_id() not in inputs[where][:-1]
     # A target is trained on only if it follows in the same document.
@@ -60,9 +193,53 @@ def test_packed_rows_follow_the_source_documents(tiny_data):
     assert not batch['weights'][row][boundary].any()
 
 
+def test_each_row_matches_the_documents_it_was_cut_from(tiny_data):
+  stream = data.TokenStream(tiny_data, 'train', seq_len=40)
+  every_token = sorted(stream_tokens(stream))
+  assert sorted(read_rows(stream, range(len(stream)))) == every_token
+
+
+def test_validation_batches_cover_the_split_once_in_order(tiny_data):
+  stream = data.TokenStream(tiny_data, 'validation', seq_len=16)
+  batches = list(data.eval_batches(stream, global_batch=4, max_batches=10_000))
+  assert len(batches) == -(-len(stream) // 4)
+  tokens = np.concatenate([b['inputs'] for b in batches])
+  np.testing.assert_array_equal(tokens[:len(stream)], np.stack([stream.row(r)['tokens'][:-1] for r in range(len(stream))]))
+  assert not batches[-1]['segment_ids'][len(stream) % 4 or 4:].any()  # padding rows are empty
+
+
+# --- selection -------------------------------------------------------------------------
+
+
+def test_top_selection_keeps_the_highest_scores_and_never_the_unscored():
+  scores = np.array([0.5, np.nan, 2.0, 1.0, 2.0, 0.1, np.nan, 3.0])
+  np.testing.assert_array_equal(data.select_records(scores, rule='top', keep_fraction=0.5), [2, 4, 7])
+  np.testing.assert_array_equal(data.select_records(scores, rule='top', keep_fraction=1.0), [0, 2, 3, 4, 5, 7])
+
+
+def test_band_selection_keeps_a_percentile_band():
+  scores = np.arange(10, dtype=float)[::-1]  # record i has score 9 - i
+  # Ranks 2..4 from the lowest score are records 7, 6, 5.
+  np.testing.assert_array_equal(data.select_records(scores, rule='band', band=(0.2, 0.5)), [5, 6, 7])
+
+
+def test_the_loader_reads_only_the_selected_records(tiny_data):
+  full = data.TokenStream(tiny_data, 'train', seq_len=24)
+  keep = np.arange(0, len(full.records), 3)
+  stream = data.TokenStream(tiny_data, 'train', seq_len=24, records=keep)
+  read = sorted(read_rows(stream, range(len(stream))))
+  assert read == sorted(stream_tokens(stream))
+  assert {d for d, _ in read} <= set(full.document[keep])
+  # A selection that skips a document's middle record starts a new segment after the gap.
+  for r in range(len(stream)):
+    row = stream.row(r)
+    for i in range(1, stream.row_len):
+      if row['segment_ids'][i] and row['segment_ids'][i] == row['segment_ids'][i - 1]:
+        assert row['positions'][i] == row['positions'][i - 1] + 1
+
+
 def test_token_bytes_count_utf8_bytes(tiny_data):
   sp = spm.SentencePieceProcessor(model_file=str(tiny_data / 'tokenizer.model'))
   sizes = data.token_bytes(tiny_data / 'tokenizer.model')
-  ids = sp.encode('the king speaks')
-  assert sizes[ids].sum() == len(' the king speaks')  # sentencepiece's leading space counts
+  assert sizes[sp.encode('the king speaks')].sum() == len(' the king speaks')  # with sentencepiece's leading space
   assert sizes[sp.eos_id()] == 0

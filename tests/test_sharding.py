@@ -15,8 +15,9 @@ def run_steps(config, data_dir, devices, steps=3):
   mesh = sharding.make_mesh(mesh_shape(config.mesh, len(devices)), devices)
   program = train.build(config, mesh, data.token_bytes(data_dir / 'tokenizer.model'))
   state = program.init(config.seed)
-  batches = data.train_batches(data_dir, seq_len=config.data.seq_len,
-                               batch_size=config.data.global_batch_size, seed=0)
+  stream = data.TokenStream(data_dir, 'train', config.data.seq_len)
+  batches = data.train_batches(stream, global_batch=config.data.global_batch_size, seed=0,
+                               first_step=0, num_steps=steps)
   losses = []
   for _ in range(steps):
     state, metrics = program.train_step(state, sharding.host_batch_to_global(next(batches), program.batch_sharding))

@@ -24,10 +24,11 @@ def _prepare(args, overrides):
     raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
   manifest = prepare(args.inputs, Path(args.output), validation=args.validation or (),
                      vocab_size=args.vocab_size, tokenizer=args.tokenizer, txt_split=args.txt_split,
-                     text_field=args.text_field)
+                     text_field=args.text_field, text_column=args.column,
+                     max_record_tokens=args.max_record_tokens, workers=args.workers, progress=True)
   for name, split in manifest['splits'].items():
-    log.info('%s: %d documents, %d tokens in %d shards', name, split['documents'], split['tokens'],
-                 len(split['shards']))
+    log.info('%s: %d documents, %d records, %d tokens in %d shards', name, split['documents'],
+             split['records'], split['tokens'], len(split['shards']))
   for reason, count in manifest['skipped'].items():
     log.warning('skipped %d documents: %s', count, reason)
   for problem in manifest['problems'][:20]:
@@ -45,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
   train.set_defaults(run=_train)
 
   prep = sub.add_parser('prepare', help='tokenize raw text into ArrayRecord shards')
-  prep.add_argument('inputs', nargs='+', help='.txt or .jsonl files or globs (training split)')
+  prep.add_argument('inputs', nargs='+', help='.txt, .jsonl or .parquet files or globs (training split)')
   prep.add_argument('--output', required=True)
   prep.add_argument('--validation', nargs='*', help='files or globs of the validation split')
   prep.add_argument('--vocab-size', type=int, default=32000)
@@ -53,6 +54,10 @@ def parser() -> argparse.ArgumentParser:
   prep.add_argument('--txt-split', choices=('file', 'blank-line'), default='file',
                     help='a .txt file is one document, or one per blank-line-separated block')
   prep.add_argument('--text-field', default='text', help='the field of a .jsonl record holding its text')
+  prep.add_argument('--column', default='text', help='the column of a .parquet file holding the text')
+  prep.add_argument('--max-record-tokens', type=int, default=2048,
+                    help='longer documents are stored as consecutive records of this many tokens')
+  prep.add_argument('--workers', type=int, help='processes tokenizing in parallel (default: all cores)')
   prep.set_defaults(run=_prepare)
   return p
 

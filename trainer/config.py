@@ -48,6 +48,17 @@ def defaults() -> ml_collections.ConfigDict:
       seq_len=1024,
       global_batch_size=32,
       shuffle_seed=0,
+      workers=0,  # loader worker processes per host; 0 reads in threads of the trainer
+      # sha256 of the sentencepiece model the model is trained with; '' adopts the
+      # data's, and the resolved config records it.
+      tokenizer_sha256='',
+      selection=dict(
+          scores='',  # a .npy of one float per training record (NaN: unscored); '' = no selection
+          rule='top',  # 'top': the keep_fraction highest scores; 'band': ranks in [band_low, band_high)
+          keep_fraction=0.5,
+          band_low=0.0,
+          band_high=1.0,
+      ),
   )
   c.optim = dict(
       lr=3e-4,
@@ -212,6 +223,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
            f'optim.warmup_steps={o.warmup_steps} must be in [0, total_steps={config.total_steps})')
   _require(config.loss.vocab_chunk > 0, f'loss.vocab_chunk={config.loss.vocab_chunk} must be positive')
   _require(d.seq_len > 0, f'data.seq_len={d.seq_len} must be positive')
+  _require(d.workers >= 0, f'data.workers={d.workers} must be >= 0')
+  sel = d.selection
+  _require(sel.rule in ('top', 'band'), f"data.selection.rule={sel.rule!r} must be 'top' or 'band'")
+  _require(0 < sel.keep_fraction <= 1, f'data.selection.keep_fraction={sel.keep_fraction} must be in (0, 1]')
+  _require(0 <= sel.band_low < sel.band_high <= 1,
+           f'data.selection band [{sel.band_low}, {sel.band_high}) must satisfy 0 <= band_low < band_high <= 1')
   for logical, axes in config.sharding.items():
     for axis in filter(None, axes.split(',')):
       _require(axis in MESH_AXES,

@@ -1,83 +1,172 @@
-"""The Grain input pipeline: ArrayRecord shards -> packed, batched model inputs.
+"""The input pipeline: a split's records as one token stream, cut into rows, indexed by step.
 
-source -> shuffle by seed (reshuffled every epoch) -> this process's share ->
-concat-then-split into rows of L + 1 tokens (segment ids and positions mark the
-documents) -> window shuffle of rows -> batch -> shift into inputs and targets.
+The records of a split (all of them, or those a selection keeps) are laid end to end
+in shard order: one token stream. Row r is tokens [r*S, (r+1)*S) of it, S = L + 1;
+the last row of the stream is padded. Every epoch visits all rows in a new order
+(Grain's index shuffle, reseeded per epoch), so over an epoch each token, and so
+each document, is read exactly once.
 
-A batch is a dict of [B, L] numpy arrays (B = rows of this process):
-  inputs, targets       token ids; targets[i] = the token after inputs[i]
-  positions             position of each token inside its document
-  segment_ids           1, 2, ... per document in the row; 0 is padding
-  weights               1.0 where the target belongs to the same document, else 0.0
+The global batch of step s is rows [s*B, (s+1)*B) of that shuffled order, and
+process p of P reads its part [p*B/P, (p+1)*B/P). A batch is a pure function of
+(data, seed, seq_len, B, step): the loader's whole state is the step. A job resumed
+at step s reads what the uninterrupted job would have read at s, and because the
+global batch does not depend on P, this holds when it resumes on a different number
+of hosts too (each host then reads a different slice of the same global batch).
+
+A batch is a dict of [B/P, L] numpy arrays:
+  inputs, targets       token ids; targets[i] is the token after inputs[i]
+  positions             each token's position in its document
+  segment_ids           1, 2, ... per document piece in the row; 0 is padding
+  weights               1.0 where the target follows in the same document, else 0.0
 """
 
-from collections.abc import Iterator
 from pathlib import Path
 
+import absl.flags
 import grain
 import numpy as np
 import sentencepiece as spm
 
+from trainer.errors import UserError
 from trainer.prepare import read_manifest
 
-# Rows kept in the window shuffle. Concat-then-split emits neighbouring rows of the same
-# document; shuffling a window of rows keeps one long document from filling a batch.
-ROW_SHUFFLE_WINDOW = 1024
+
+class TokenStream:
+  """Random access to the rows of a split's token stream."""
+
+  def __init__(self, data_dir: Path, split: str, seq_len: int, records: np.ndarray | None = None):
+    """`records`: the record ids to read, ascending (a selection); None reads them all."""
+    manifest = read_manifest(data_dir)
+    if split not in manifest['splits']:
+      raise UserError(f'{data_dir} has no {split!r} split; it has {sorted(manifest["splits"])}')
+    shards = [s for s in manifest['splits'][split]['shards'] if s['records']]
+    index = [np.load(Path(data_dir) / s['index']) for s in shards]
+    # Documents are numbered within a shard; offset them so that ids are unique.
+    doc_offsets = np.cumsum([0] + [s['documents'] for s in shards])
+    self.document = np.concatenate([i['document'] + o for i, o in zip(index, doc_offsets)])
+    self.start = np.concatenate([i['start'] for i in index])
+    length = np.concatenate([i['length'] for i in index])
+    self.records = np.arange(length.size) if records is None else np.asarray(records)
+    self.offsets = np.concatenate([[0], np.cumsum(length[self.records])])
+    self.row_len = seq_len + 1
+    self.num_rows = -(-int(self.offsets[-1]) // self.row_len)
+    self.dtype = np.dtype(manifest['dtype'])
+    self.paths = [str(Path(data_dir) / s['file']) for s in shards]
+    self._source = None
+
+  def __len__(self) -> int:
+    return self.num_rows
+
+  def __getstate__(self):
+    # Worker processes open their own readers.
+    return {**self.__dict__, '_source': None}
+
+  def row(self, r: int) -> dict[str, np.ndarray]:
+    """Tokens, segment ids and positions of row r, each [S]."""
+    if self._source is None:
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    tokens = np.zeros(self.row_len, np.int32)
+    segments = np.zeros(self.row_len, np.int32)
+    positions = np.zeros(self.row_len, np.int32)
+    lo = r * self.row_len
+    hi = min(lo + self.row_len, int(self.offsets[-1]))
+    if lo >= hi:  # past the end of the stream: an empty (all padding) row
+      return {'tokens': tokens, 'segment_ids': segments, 'positions': positions}
+    first = int(np.searchsorted(self.offsets, lo, side='right')) - 1
+    last = int(np.searchsorted(self.offsets, hi, side='left'))
+    ids = self.records[first:last]
+    at, segment, previous = 0, 0, None
+    for k, raw in zip(range(first, last), self._source.__getitems__(ids.tolist())):
+      record = self.records[k]
+      begin, end = max(lo - self.offsets[k], 0), min(hi - self.offsets[k], self.offsets[k + 1] - self.offsets[k])
+      piece = np.frombuffer(raw, self.dtype)[begin:end]
+      # A piece continues the previous one's segment only if it is the next part of
+      # the same document (a selection may drop the parts between).
+      continues = previous is not None and self.document[record] == self.document[previous] and \
+          self.start[record] == self.start[previous] + self.offsets[k] - self.offsets[k - 1]
+      segment += 0 if continues else 1
+      tokens[at:at + piece.size] = piece
+      segments[at:at + piece.size] = segment
+      positions[at:at + piece.size] = self.start[record] + begin + np.arange(piece.size)
+      at, previous = at + piece.size, record
+    return {'tokens': tokens, 'segment_ids': segments, 'positions': positions}
 
 
-def _source(data_dir: Path, split: str) -> grain.MapDataset:
-  manifest = read_manifest(data_dir)
-  if split not in manifest['splits']:
-    raise ValueError(f'{data_dir} has no {split!r} split; it has {sorted(manifest["splits"])}')
-  paths = [str(Path(data_dir) / s['file']) for s in manifest['splits'][split]['shards']]
-  dtype = np.dtype(manifest['dtype'])
-  return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(
-      lambda record: {'tokens': np.frombuffer(record, dtype=dtype).astype(np.int32)})
-
-
-def _pack_and_batch(ds: grain.IterDataset, seq_len: int, batch_size: int, seed: int | None) -> grain.IterDataset:
-  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len + 1})
-  if seed is not None:
-    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=ROW_SHUFFLE_WINDOW, seed=seed)
-  return ds.batch(batch_size, drop_remainder=seed is not None).map(_to_model_inputs)
-
-
-def _to_model_inputs(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  tokens, segments = rows['tokens'], rows['tokens_segment_ids']
-  same_doc = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+def to_model_inputs(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  tokens, segments = row['tokens'], row['segment_ids']
+  same_doc = (segments[1:] == segments[:-1]) & (segments[1:] != 0)
   return {
-      'inputs': tokens[:, :-1],
-      'targets': tokens[:, 1:],
-      'positions': rows['tokens_positions'][:, :-1],
-      'segment_ids': segments[:, :-1],
+      'inputs': tokens[:-1],
+      'targets': tokens[1:],
+      'positions': row['positions'][:-1],
+      'segment_ids': segments[:-1],
       'weights': same_doc.astype(np.float32),
   }
 
 
-def train_batches(data_dir: Path, *, seq_len: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Endless training batches of `batch_size` rows for this process."""
-  ds = _source(data_dir, 'train').shuffle(seed).repeat()
-  ds = ds[process_index::process_count].to_iter_dataset()
-  return iter(_pack_and_batch(ds, seq_len, batch_size, seed))
+def _batches(rows: grain.MapDataset, stream: TokenStream, *, global_batch: int, first_step: int,
+             num_steps: int, process_index: int, process_count: int, workers: int) -> grain.DatasetIterator:
+  """Batches of this process for steps [first_step, first_step + num_steps) of `rows`."""
+  if global_batch % process_count:
+    raise UserError(f'data.global_batch_size={global_batch} does not divide over {process_count} processes')
+  per_process = global_batch // process_count
+
+  def global_row(k: int) -> int:
+    step, j = divmod(k, per_process)
+    return step * global_batch + process_index * per_process + j
+
+  ds = grain.MapDataset.range(first_step * per_process, (first_step + num_steps) * per_process)
+  ds = ds.map(lambda k: to_model_inputs(stream.row(rows[global_row(k)])))
+  ds = ds.batch(per_process, drop_remainder=True).to_iter_dataset()
+  if workers:
+    # Grain's worker processes read absl flags; salt is not an absl app, so take the defaults.
+    if not absl.flags.FLAGS.is_parsed():
+      absl.flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(ds)
 
 
-def eval_batches(data_dir: Path, *, seq_len: int, batch_size: int, max_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """The first `max_batches` batches of the validation split, in order, unshuffled.
+def train_batches(stream: TokenStream, *, global_batch: int, seed: int, first_step: int, num_steps: int,
+                  process_index: int = 0, process_count: int = 1, workers: int = 0) -> grain.DatasetIterator:
+  """This process's training batches of steps [first_step, first_step + num_steps).
 
-  The last batch is padded with rows of segment id 0 (weight 0) to `batch_size`.
+  Close the iterator when done: with workers it holds processes and shared memory.
   """
-  ds = _source(data_dir, 'validation')[process_index::process_count].to_iter_dataset()
-  for i, batch in enumerate(_pack_and_batch(ds, seq_len, batch_size, seed=None)):
-    if i == max_batches:
-      return
-    yield _pad_rows(batch, batch_size)
+  rows = grain.MapDataset.range(len(stream)).shuffle(seed).repeat()
+  return _batches(rows, stream, global_batch=global_batch, first_step=first_step, num_steps=num_steps,
+                  process_index=process_index, process_count=process_count, workers=workers)
 
 
-def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  missing = rows - len(batch['inputs'])
-  return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()}
+def eval_batches(stream: TokenStream, *, global_batch: int, max_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+  """The first `max_batches` batches of the stream in order; rows past its end are empty."""
+  num_steps = min(max_batches, -(-len(stream) // global_batch))
+  rows = grain.MapDataset.range(num_steps * global_batch)
+  return _batches(rows, stream, global_batch=global_batch, first_step=0, num_steps=num_steps,
+                  process_index=process_index, process_count=process_count, workers=0)
+
+
+def select_records(scores: np.ndarray, *, rule: str, keep_fraction: float = 1.0,
+                   band: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+  """Ids of the records a selection rule keeps, ascending.
+
+  scores: one float per record of the split; NaN means unscored, never kept.
+  rule 'top': the round(keep_fraction * n) highest of the n scored records.
+  rule 'band': the scored records whose rank from the lowest score, as a fraction of
+    n, lies in [band[0], band[1]): (0.25, 0.75) keeps the middle half.
+  Equal scores are ordered by record id, so the result is deterministic.
+  """
+  scored = np.flatnonzero(~np.isnan(scores))
+  n = scored.size
+  if rule == 'top':
+    descending = scored[np.lexsort((scored, -scores[scored]))]
+    keep = descending[:int(round(keep_fraction * n))]
+  elif rule == 'band':
+    ascending = scored[np.lexsort((scored, scores[scored]))]
+    keep = ascending[int(round(band[0] * n)):int(round(band[1] * n))]
+  else:
+    raise UserError(f"selection rule {rule!r} must be 'top' or 'band'")
+  return np.sort(keep)
 
 
 def token_bytes(tokenizer_path: Path) -> np.ndarray:

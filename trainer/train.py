@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -18,20 +19,47 @@ from trainer.config import mesh_shape, validate
 from trainer.errors import UserError
 from trainer.model import ModelConfig, flops_per_token, param_count
 from trainer.optimizer import learning_rate_schedule, make_optimizer
-from trainer.prepare import prepare, read_manifest
+from trainer.prepare import FORMAT, prepare, read_manifest
 
 log = logging.getLogger('salt')
 
 
 def default_data_dir(vocab_size: int) -> Path:
   """The embedded Shakespeare corpus, prepared once per vocabulary size."""
-  prepared = corpus.cache_dir() / 'shakespeare' / f'prepared-v{vocab_size}'
+  prepared = corpus.cache_dir() / 'shakespeare' / f'prepared-f{FORMAT}-v{vocab_size}'
   if not (prepared / 'manifest.json').exists():
     log.info('preparing the default corpus (Shakespeare) into %s', prepared)
     train_files, validation_files = corpus.split_files(corpus.shakespeare_texts())
     prepare([str(f) for f in train_files], prepared, validation=[str(f) for f in validation_files],
-            vocab_size=vocab_size)
+            vocab_size=vocab_size, progress=jax.process_index() == 0)
   return prepared
+
+
+def check_tokenizer(config: ml_collections.ConfigDict, manifest: dict, data_dir: Path) -> None:
+  """The data must be tokenized for this model: same vocabulary size, same sentencepiece model."""
+  if manifest['vocab_size'] != config.model.vocab_size:
+    raise UserError(f'model.vocab_size={config.model.vocab_size} but the tokenizer of {data_dir} has '
+                    f'{manifest["vocab_size"]} tokens; set --config.model.vocab_size={manifest["vocab_size"]}')
+  want = config.data.tokenizer_sha256
+  if want and want != manifest['tokenizer_sha256']:
+    raise UserError(f'the data in {data_dir} was tokenized with sentencepiece model '
+                    f'{manifest["tokenizer_sha256"][:12]}..., not the model\'s {want[:12]}...; '
+                    'prepare it with `salt prepare --tokenizer` and the model\'s tokenizer')
+
+
+def select(selection: ml_collections.ConfigDict, manifest: dict) -> np.ndarray | None:
+  """The training records the selection keeps (None: all of them)."""
+  if not selection.scores:
+    return None
+  path = Path(selection.scores)
+  if not path.is_file():
+    raise UserError(f'data.selection.scores={selection.scores!r} does not exist')
+  scores = np.load(path)
+  records = manifest['splits']['train']['records']
+  if scores.shape != (records,):
+    raise UserError(f'{path} holds {scores.shape} scores; the training split has {records} records')
+  return data.select_records(scores, rule=selection.rule, keep_fraction=selection.keep_fraction,
+                             band=(selection.band_low, selection.band_high))
 
 
 def versions() -> dict[str, str]:
@@ -67,12 +95,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
                  train_step=train_step, eval_step=eval_step, batch_sharding=batch_sharding)
 
 
-def evaluate(program: Program, params, data_dir: Path, config: ml_collections.ConfigDict) -> dict[str, float]:
+def evaluate(program: Program, params, stream: data.TokenStream, config: ml_collections.ConfigDict) -> dict[str, float]:
   """Held-out loss (nats/token) and bits per byte over `eval.batches` batches."""
   totals = {'loss_sum': 0.0, 'tokens': 0.0, 'bytes': 0.0}
   for batch in data.eval_batches(
-      data_dir, seq_len=config.data.seq_len, max_batches=config.eval.batches,
-      batch_size=config.data.global_batch_size // jax.process_count(),
+      stream, global_batch=config.data.global_batch_size, max_batches=config.eval.batches,
       process_index=jax.process_index(), process_count=jax.process_count()):
     sums = jax.device_get(program.eval_step(params, sharding.host_batch_to_global(batch, program.batch_sharding)))
     totals = {k: totals[k] + float(sums[k]) for k in totals}
@@ -89,9 +116,11 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
   model_cfg = ModelConfig(**config.model)
   data_dir = Path(config.data.path) if config.data.path else default_data_dir(model_cfg.vocab_size)
   manifest = read_manifest(data_dir)
-  if manifest['vocab_size'] != model_cfg.vocab_size:
-    raise UserError(f'model.vocab_size={model_cfg.vocab_size} but the tokenizer of {data_dir} has '
-                    f'{manifest["vocab_size"]} tokens; set --config.model.vocab_size={manifest["vocab_size"]}')
+  check_tokenizer(config, manifest, data_dir)
+  selection = select(config.data.selection, manifest)
+  train_stream = data.TokenStream(data_dir, 'train', config.data.seq_len, selection)
+  eval_stream = (data.TokenStream(data_dir, 'validation', config.data.seq_len)
+                 if 'validation' in manifest['splits'] else None)
 
   token_bytes = data.token_bytes(data_dir / manifest['tokenizer'])
   program = build(config, mesh, token_bytes)
@@ -99,25 +128,31 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
 
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
+    resolved = config.to_dict()
+    resolved['data'].update(path=str(data_dir), tokenizer_sha256=manifest['tokenizer_sha256'])
+    kept = {'records': len(selection), 'of': manifest['splits']['train']['records'],
+            'ids_sha256': hashlib.sha256(selection.astype('<i8').tobytes()).hexdigest()} \
+        if selection is not None else None
     (workdir / 'config.json').write_text(
-        json.dumps({'config': config.to_dict(), 'versions': versions(), 'data': str(data_dir)}, indent=2))
+        json.dumps({'config': resolved, 'selection': kept, 'versions': versions()}, indent=2))
   seq_len, global_batch = config.data.seq_len, config.data.global_batch_size
   flops = flops_per_token(model_cfg, seq_len)
   log.info('model: %.1fM parameters, %.3g training FLOPs/token; mesh %s on %d %s device(s)',
            param_count(model_cfg) / 1e6, flops, dict(mesh.shape), jax.device_count(),
            jax.devices()[0].device_kind)
-  log.info('data: %s (%d training tokens); unigram entropy %.3f nats/token',
-           data_dir, manifest['splits']['train']['tokens'], manifest['unigram_entropy'])
+  log.info('data: %s (%d training tokens, %d rows of %d); unigram entropy %.3f nats/token',
+           data_dir, train_stream.offsets[-1], len(train_stream), seq_len + 1, manifest['unigram_entropy'])
 
+  first_step = int(state.step)
   batches = data.train_batches(
-      data_dir, seq_len=seq_len, batch_size=global_batch // jax.process_count(),
-      seed=config.data.shuffle_seed, process_index=jax.process_index(), process_count=jax.process_count())
+      train_stream, global_batch=global_batch, seed=config.data.shuffle_seed, first_step=first_step,
+      num_steps=config.total_steps - first_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), workers=config.data.workers)
   writer = metrics.MetricWriter(workdir, enabled=is_main)
   throughput = metrics.Throughput(flops, global_batch * seq_len, jax.devices())
-  has_validation = 'validation' in manifest['splits']
-  bar = metrics.progress_bar(config.total_steps, int(state.step), enabled=is_main)
+  bar = metrics.progress_bar(config.total_steps, first_step, enabled=is_main)
   pending, last = [], {}
-  for step_index in range(int(state.step), config.total_steps):
+  for step_index in range(first_step, config.total_steps):
     state, step_metrics = program.train_step(state, sharding.host_batch_to_global(next(batches), program.batch_sharding))
     pending.append(step_metrics)
     done = step_index + 1
@@ -125,13 +160,14 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
       last = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
       last.update(throughput(done))
       pending = []
-      if has_validation and (done % config.eval.every_steps == 0 or done == config.total_steps):
-        last.update(evaluate(program, state.params, data_dir, config))
+      if eval_stream and (done % config.eval.every_steps == 0 or done == config.total_steps):
+        last.update(evaluate(program, state.params, eval_stream, config))
         throughput.restart(done)
       writer.write(done, last)
       bar.set_postfix_str(metrics.describe(last), refresh=False)
     bar.update(1)
   bar.close()
+  batches.close()
   writer.close()
   if 'eval_loss' in last:
     log.info('validation: loss %.3f nats/token (unigram entropy %.3f), %.3f bits/byte',
