@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.errors import UserError
+from trainer.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 
 log = logging.getLogger('salt')
 
@@ -14,7 +14,7 @@ def _train(args, overrides):
   from trainer import config as config_lib
   from trainer.train import train
 
-  train(config_lib.load(args.config, overrides), Path(args.workdir))
+  train(config_lib.load(args.config, overrides), Path(args.workdir), resume=args.resume)
 
 
 def _prepare(args, overrides):
@@ -39,10 +39,16 @@ def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='salt', description=__doc__)
   sub = p.add_subparsers(dest='command', required=True)
 
-  train = sub.add_parser('train', help='train a model', usage=(
-      'salt train --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR'))
+  train = sub.add_parser(
+      'train', help='train a model',
+      usage='salt train --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR [--resume auto|never|PATH]',
+      epilog=f'exit codes: 0 done; 2 bad input or a loss that is not finite; {PREEMPTED_EXIT_CODE} '
+             'preempted (a checkpoint was saved: run the same command again to resume)')
   train.add_argument('--config', required=True, help='a config file, optionally :ARG for get_config')
   train.add_argument('--workdir', required=True, help='where the run writes everything')
+  train.add_argument('--resume', default='auto', metavar='auto|never|PATH', help=(
+      'auto: continue from the latest readable checkpoint in WORKDIR (the default); never: start '
+      'fresh; PATH: continue from that checkpoint (RUN/checkpoints/STEP) and no other'))
   train.set_defaults(run=_train)
 
   prep = sub.add_parser('prepare', help='tokenize raw text into ArrayRecord shards')
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f'salt: error: {e}', file=sys.stderr)
     return 2
+  except Preempted as e:
+    print(f'salt: {e}', file=sys.stderr)
+    return PREEMPTED_EXIT_CODE
   return 0
 
 

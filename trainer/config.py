@@ -86,6 +86,15 @@ def defaults() -> ml_collections.ConfigDict:
       layers='',
       norm='',
   )
+  c.checkpoint = dict(
+      every_steps=500,
+      max_to_keep=3,  # the most recent ones; older ones are deleted...
+      keep_every_steps=0,  # ...except multiples of this (0: none), kept for good
+      async_save=True,  # training goes on while a checkpoint is written
+  )
+  # A loss or gradient that is not finite: 'stop' the run (the last checkpoint is the
+  # last good state) or 'skip' the batch, leaving the state as it was.
+  c.nonfinite = 'stop'
   c.eval = dict(every_steps=200, batches=8)
   c.log = dict(every_steps=10)
   return c
@@ -221,6 +230,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} must be even for rotary embeddings')
   _require(0 <= o.warmup_steps < config.total_steps,
            f'optim.warmup_steps={o.warmup_steps} must be in [0, total_steps={config.total_steps})')
+  _require(config.nonfinite in ('stop', 'skip'), f"nonfinite={config.nonfinite!r} must be 'stop' or 'skip'")
+  ck = config.checkpoint
+  _require(ck.every_steps > 0, f'checkpoint.every_steps={ck.every_steps} must be positive')
+  _require(ck.max_to_keep > 0, f'checkpoint.max_to_keep={ck.max_to_keep} must be positive')
+  _require(ck.keep_every_steps >= 0, f'checkpoint.keep_every_steps={ck.keep_every_steps} must be >= 0')
   _require(config.loss.vocab_chunk > 0, f'loss.vocab_chunk={config.loss.vocab_chunk} must be positive')
   _require(d.seq_len > 0, f'data.seq_len={d.seq_len} must be positive')
   _require(d.workers >= 0, f'data.workers={d.workers} must be >= 0')

@@ -5,6 +5,7 @@ model's structure (an NNX GraphDef) is static and closed over, so `jax.jit` sees
 arrays with explicit shardings: the same program on one CPU, a GPU host or a pod.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,16 +48,22 @@ def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation
   return TrainState(step=sharding.replicated(mesh), params=params, opt_state=opt_state)
 
 
+def _fresh_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  with nnx.use_eager_sharding(False):
+    _, params = nnx.split(Transformer(cfg, nnx.Rngs(key)))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
                shardings: TrainState) -> TrainState:
   """A fresh train state, each array created directly in its shards."""
+  return jax.jit(functools.partial(_fresh_state, cfg, tx), out_shardings=shardings)(jax.random.key(seed))
 
-  def init(key):
-    with nnx.use_eager_sharding(False):
-      _, params = nnx.split(Transformer(cfg, nnx.Rngs(key)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """Shapes, dtypes and shardings of the train state: the target a checkpoint restores into."""
+  shapes = jax.eval_shape(functools.partial(_fresh_state, cfg, tx), jax.random.key(0))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, vocab_chunk: int) -> jax.Array:
@@ -69,8 +76,11 @@ def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, vocab_
   return losses.reshape(B, L)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, vocab_chunk: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    vocab_chunk: int, skip_nonfinite: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The train step. With `skip_nonfinite`, a batch whose loss or gradient is not finite
+  leaves parameters and optimizer state as they were (metric `skipped` = 1)."""
+
   def loss_fn(params, batch):
     weights = batch['weights']
     loss = (token_losses(graphdef, params, batch, vocab_chunk) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
@@ -78,14 +88,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        'loss': loss,
-        'grad_norm': optax.tree.norm(grads),
-        'lr': schedule(state.step),
-        'tokens': batch['weights'].sum(),
-    }
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': batch['weights'].sum()}
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                       (params, opt_state), (state.params, state.opt_state))
+      metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from trainer import corpus, data, metrics, sharding, step
+from trainer import checkpoint, corpus, data, metrics, sharding, step
 from trainer.config import mesh_shape, validate
-from trainer.errors import UserError
+from trainer.errors import Diverged, Preempted, UserError
 from trainer.model import ModelConfig, flops_per_token, param_count
 from trainer.optimizer import learning_rate_schedule, make_optimizer
 from trainer.prepare import FORMAT, prepare, read_manifest
@@ -71,6 +71,7 @@ def versions() -> dict[str, str]:
 class Program:
   """What a config compiles to on one mesh: state initialisation and the two steps."""
   init: Callable[[int], step.TrainState]
+  abstract_state: step.TrainState
   train_step: Callable
   eval_step: Callable
   batch_sharding: NamedSharding
@@ -88,11 +89,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
   shardings = step.state_shardings(abstract_params, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   train_step, eval_step = step.jit_steps(
-      step.make_train_step(graphdef, tx, schedule, config.loss.vocab_chunk),
+      step.make_train_step(graphdef, tx, schedule, config.loss.vocab_chunk,
+                           skip_nonfinite=config.nonfinite == 'skip'),
       step.make_eval_step(graphdef, config.loss.vocab_chunk, token_bytes),
       shardings, batch_sharding, mesh)
   return Program(init=functools.partial(step.init_state, model_cfg, tx, shardings=shardings),
-                 train_step=train_step, eval_step=eval_step, batch_sharding=batch_sharding)
+                 abstract_state=step.abstract_state(model_cfg, tx, shardings), train_step=train_step, eval_step=eval_step, batch_sharding=batch_sharding)
 
 
 def evaluate(program: Program, params, stream: data.TokenStream, config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -107,8 +109,45 @@ def evaluate(program: Program, params, stream: data.TokenStream, config: ml_coll
           'eval_bits_per_byte': metrics.bits_per_byte(totals['loss_sum'], totals['bytes'])}
 
 
-def train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
-  """Runs `config.total_steps` steps, writing everything under `workdir`; returns the last metrics."""
+def data_fingerprint(config: ml_collections.ConfigDict, manifest: dict, selection: np.ndarray | None) -> dict:
+  """What the batch of a step depends on besides the step: the loader's state is the step plus this."""
+  return {
+      'tokenizer_sha256': manifest['tokenizer_sha256'],
+      'train_records': manifest['splits']['train']['records'],
+      'train_tokens': manifest['splits']['train']['tokens'],
+      'selection_sha256': None if selection is None else hashlib.sha256(selection.astype('<i8').tobytes()).hexdigest(),
+      'shuffle_seed': config.data.shuffle_seed,
+      'seq_len': config.data.seq_len,
+      'global_batch_size': config.data.global_batch_size,
+  }
+
+
+def check_resumed_data(saved: dict, current: dict, step: int) -> None:
+  """A resumed run must read the batches the interrupted one would have read."""
+  if saved['tokenizer_sha256'] != current['tokenizer_sha256']:
+    raise UserError(f'the checkpoint at step {step} was trained on data with another tokenizer '
+                    f'({saved["tokenizer_sha256"][:12]}..., now {current["tokenizer_sha256"][:12]}...)')
+  changed = [f'{k} {saved[k]} -> {current[k]}' for k in current if saved.get(k) != current[k]]
+  if changed:
+    log.warning('resuming at step %d with other data settings (%s): from here on the batches differ '
+                'from those the interrupted run would have read', step, '; '.join(changed))
+
+
+def first_nonfinite(pending: list[dict], first_step: int) -> int | None:
+  """The step of the first loss or gradient norm that is not finite, if any."""
+  for offset, m in enumerate(pending):
+    if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+      return first_step + offset
+  return None
+
+
+def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto') -> dict[str, float]:
+  """Runs `config.total_steps` steps, writing everything under `workdir`; returns the last metrics.
+
+  Resumes from the checkpoints in `workdir` (see `Checkpoints.restore` for `resume`).
+  Raises Preempted after saving when a stop signal arrives, Diverged when the loss is
+  not finite (and nonfinite='stop'), UserError for bad input.
+  """
   validate(config, jax.device_count())
   workdir = Path(workdir)
   is_main = jax.process_index() == 0
@@ -121,18 +160,27 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
   train_stream = data.TokenStream(data_dir, 'train', config.data.seq_len, selection)
   eval_stream = (data.TokenStream(data_dir, 'validation', config.data.seq_len)
                  if 'validation' in manifest['splits'] else None)
+  program = build(config, mesh, data.token_bytes(data_dir / manifest['tokenizer']))
 
-  token_bytes = data.token_bytes(data_dir / manifest['tokenizer'])
-  program = build(config, mesh, token_bytes)
-  state = program.init(config.seed)
+  resolved = config.to_dict()
+  resolved['data'].update(path=str(data_dir), tokenizer_sha256=manifest['tokenizer_sha256'])
+  fingerprint = data_fingerprint(config, manifest, selection)
+  checkpoints = checkpoint.Checkpoints(
+      workdir / 'checkpoints', every_steps=config.checkpoint.every_steps,
+      max_to_keep=config.checkpoint.max_to_keep, keep_every_steps=config.checkpoint.keep_every_steps,
+      async_save=config.checkpoint.async_save)
+  restored = checkpoints.restore(program.abstract_state, resume)
+  if restored:
+    state, meta = restored
+    check_resumed_data(meta['data']['fingerprint'], fingerprint, int(state.step))
+    log.info('resumed from the checkpoint at step %d', int(state.step))
+  else:
+    state = program.init(config.seed)
 
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    resolved = config.to_dict()
-    resolved['data'].update(path=str(data_dir), tokenizer_sha256=manifest['tokenizer_sha256'])
     kept = {'records': len(selection), 'of': manifest['splits']['train']['records'],
-            'ids_sha256': hashlib.sha256(selection.astype('<i8').tobytes()).hexdigest()} \
-        if selection is not None else None
+            'ids_sha256': fingerprint['selection_sha256']} if selection is not None else None
     (workdir / 'config.json').write_text(
         json.dumps({'config': resolved, 'selection': kept, 'versions': versions()}, indent=2))
   seq_len, global_batch = config.data.seq_len, config.data.global_batch_size
@@ -150,28 +198,54 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
       process_count=jax.process_count(), workers=config.data.workers)
   writer = metrics.MetricWriter(workdir, enabled=is_main)
   throughput = metrics.Throughput(flops, global_batch * seq_len, jax.devices())
+  stop = checkpoint.StopSignals()
   bar = metrics.progress_bar(config.total_steps, first_step, enabled=is_main)
-  pending, last = [], {}
-  for step_index in range(first_step, config.total_steps):
-    state, step_metrics = program.train_step(state, sharding.host_batch_to_global(next(batches), program.batch_sharding))
-    pending.append(step_metrics)
-    done = step_index + 1
-    if done % config.log.every_steps == 0 or done == config.total_steps:
-      last = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-      last.update(throughput(done))
-      pending = []
-      if eval_stream and (done % config.eval.every_steps == 0 or done == config.total_steps):
-        last.update(evaluate(program, state.params, eval_stream, config))
-        throughput.restart(done)
-      writer.write(done, last)
-      bar.set_postfix_str(metrics.describe(last), refresh=False)
-    bar.update(1)
-  bar.close()
-  batches.close()
-  writer.close()
+  pending, pending_from, last = [], first_step, {}
+  try:
+    for step_index in range(first_step, config.total_steps):
+      state, step_metrics = program.train_step(state, sharding.host_batch_to_global(next(batches), program.batch_sharding))
+      pending.append(step_metrics)
+      done = step_index + 1
+      bar.update(1)
+      stopping = stop.reached(done)
+      saving = stopping or done == config.total_steps or checkpoints.should_save(done)
+      logging_now = done % config.log.every_steps == 0 or done == config.total_steps
+      if not (saving or logging_now):
+        continue
+      # Metrics are fetched only here, so the host does not wait on every step.
+      pending = jax.device_get(pending)
+      bad = first_nonfinite(pending, pending_from + 1) if config.nonfinite == 'stop' else None
+      if bad is not None:
+        checkpoints.wait()
+        good = [s for s in checkpoints.manager.all_steps() if s < bad]
+        raise Diverged(f'the loss or gradient is not finite at step {bad}; the last good checkpoint is '
+                       f'{"step " + str(max(good)) if good else "none"}; lower optim.lr or set '
+                       '--config.nonfinite=skip to skip such batches')
+      if saving:
+        meta = {'config': resolved, 'versions': versions(), 'data': {'step': done, 'fingerprint': fingerprint}}
+        checkpoints.save(done, state, meta, force=stopping)
+      if logging_now:
+        last = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        last.update(throughput(done))
+        if eval_stream and (done % config.eval.every_steps == 0 or done == config.total_steps):
+          last.update(evaluate(program, state.params, eval_stream, config))
+          throughput.restart(done)
+        writer.write(done, last)
+        bar.set_postfix_str(metrics.describe(last), refresh=False)
+      pending, pending_from = [], done
+      if stopping:
+        checkpoints.wait()
+        raise Preempted(done)
+    checkpoints.wait()
+  finally:
+    stop.restore()
+    bar.close()
+    batches.close()
+    writer.close()
+    checkpoints.close()
   if 'eval_loss' in last:
     log.info('validation: loss %.3f nats/token (unigram entropy %.3f), %.3f bits/byte',
              last['eval_loss'], manifest['unigram_entropy'], last['eval_bits_per_byte'])
-  log.info('run directory: %s\n  metrics:     %s\n  tensorboard: tensorboard --logdir %s',
-           workdir, workdir / 'metrics.jsonl', workdir / 'tensorboard')
+  log.info('run directory: %s\n  metrics:     %s\n  tensorboard: tensorboard --logdir %s\n  checkpoints: %s',
+           workdir, workdir / 'metrics.jsonl', workdir / 'tensorboard', workdir / 'checkpoints')
   return last

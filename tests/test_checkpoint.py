@@ -1,0 +1,172 @@
+"""Checkpoints and preemption: killed runs resume bit for bit, on any mesh, never from a
+half-written or unreadable checkpoint unless the user allows the fallback."""
+
+import json
+import random
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from tests.runs import differences, logged, salt_train, saved_state
+from trainer import checkpoint, data, sharding, train
+from trainer.config import mesh_shape
+from trainer.errors import PREEMPTED_EXIT_CODE, Diverged, UserError
+
+STEPS = 24
+
+
+@pytest.fixture(scope='module')
+def config_file(tiny_data, tmp_path_factory):
+  """A config file for `salt train` subprocesses: the tiny model, a checkpoint every 3 steps."""
+  path = tmp_path_factory.mktemp('config') / 'tiny.py'
+  path.write_text(
+      'from tests.conftest import tiny_config\n'
+      'def get_config(arg=None):\n'
+      f'  c = tiny_config({str(tiny_data)!r})\n'
+      f'  c.total_steps = {STEPS}\n'
+      '  c.checkpoint.update(every_steps=3, max_to_keep=3)\n'
+      '  c.log.every_steps = 1\n'
+      '  c.eval.every_steps = 1000\n'
+      '  return c\n')
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(config_file, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  assert salt_train(config_file, workdir) == 0
+  return {r['step']: r['loss'] for r in logged(workdir)}, saved_state(workdir, STEPS)
+
+
+def assert_same_run(workdir, uninterrupted):
+  assert differences(workdir, *uninterrupted, STEPS) == []
+
+
+def test_runs_killed_at_random_steps_resume_bitwise_equal(config_file, tmp_path, uninterrupted):
+  kills = sorted(random.Random(0).sample(range(2, STEPS - 1), 3))
+  for step in kills:
+    assert salt_train(config_file, tmp_path, stop_at=step) == -signal.SIGKILL
+  assert salt_train(config_file, tmp_path) == 0
+  assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigterm_saves_the_step_it_reached_and_exits_preempted(config_file, tmp_path, uninterrupted):
+  assert salt_train(config_file, tmp_path, stop_at=7, sig=signal.SIGTERM) == PREEMPTED_EXIT_CODE
+  saved = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved == max(r['step'] for r in logged(tmp_path)) >= 7  # no finished step was lost
+  assert salt_train(config_file, tmp_path) == 0
+  assert_same_run(tmp_path, uninterrupted)
+
+
+# --- in-process: meshes, broken checkpoints, divergence -------------------------------------
+
+
+def program_on(config, data_dir, devices):
+  mesh = sharding.make_mesh(mesh_shape(config.mesh, len(devices)), devices)
+  return train.build(config, mesh, data.token_bytes(data_dir / 'tokenizer.model'))
+
+
+@pytest.fixture(scope='module')
+def saved_on_8_devices(tiny_data, tmp_path_factory):
+  """Checkpoints at steps 1 and 2 of the tiny model on mesh (8, 1, 1)."""
+  config = tiny_config(tiny_data)
+  config.mesh.update(data=8, fsdp=1, tensor=1)
+  program = program_on(config, tiny_data, jax.devices())
+  stream = data.TokenStream(tiny_data, 'train', config.data.seq_len)
+  batches = data.train_batches(stream, global_batch=8, seed=0, first_step=0, num_steps=2)
+  directory = tmp_path_factory.mktemp('run') / 'checkpoints'
+  ckpts = checkpoint.Checkpoints(directory, every_steps=1, max_to_keep=5)
+  state = program.init(0)
+  for step in (1, 2):
+    state, _ = program.train_step(state, sharding.host_batch_to_global(next(batches), program.batch_sharding))
+    ckpts.save(step, state, {'data': {'step': step}})
+  ckpts.wait()
+  ckpts.close()
+  return directory, jax.device_get(state)
+
+
+@pytest.mark.parametrize('mesh, n_devices', [((2, 2, 2), 8), ((1, 2, 2), 4)])
+def test_a_checkpoint_restores_onto_another_mesh(tiny_data, saved_on_8_devices, mesh, n_devices):
+  directory, saved = saved_on_8_devices
+  config = tiny_config(tiny_data)
+  config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  program = program_on(config, tiny_data, jax.devices()[:n_devices])
+  ckpts = checkpoint.Checkpoints(directory, every_steps=1, max_to_keep=5)
+  state, meta = ckpts.restore(program.abstract_state, 'auto')
+  ckpts.close()
+  assert int(state.step) == 2 and meta['data']['step'] == 2
+  for got, want, target in zip(jax.tree.leaves(state), jax.tree.leaves(saved), jax.tree.leaves(program.abstract_state)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert got.sharding == target.sharding  # restored straight into this mesh's shards
+
+
+def copy_of(directory, tmp_path):
+  target = tmp_path / 'checkpoints'
+  shutil.copytree(directory, target)
+  return target
+
+
+def test_a_half_written_checkpoint_is_never_restored(tiny_data, saved_on_8_devices, tmp_path):
+  directory = copy_of(saved_on_8_devices[0], tmp_path)
+  # What Orbax leaves when a save dies midway: the step under its temporary name.
+  shutil.copytree(directory / '2', directory / '3.orbax-checkpoint-tmp-1234')
+  program = program_on(tiny_config(tiny_data), tiny_data, jax.devices())
+  state, _ = checkpoint.Checkpoints(directory, every_steps=1, max_to_keep=5).restore(program.abstract_state, 'auto')
+  assert int(state.step) == 2
+
+
+def truncate_largest_file(step_dir):
+  largest = max((p for p in step_dir.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+
+
+def test_a_truncated_checkpoint_falls_back_only_under_auto(tiny_data, saved_on_8_devices, tmp_path, caplog):
+  directory = copy_of(saved_on_8_devices[0], tmp_path)
+  truncate_largest_file(directory / '2')
+  program = program_on(tiny_config(tiny_data), tiny_data, jax.devices())
+  ckpts = checkpoint.Checkpoints(directory, every_steps=1, max_to_keep=5)
+  state, _ = ckpts.restore(program.abstract_state, 'auto')
+  assert int(state.step) == 1
+  assert 'checkpoint at step 2 in' in caplog.text and 'cannot be read' in caplog.text
+  with pytest.raises(UserError, match=r'checkpoint at step 2 \(.*/2\) cannot be read'):
+    ckpts.restore(program.abstract_state, str(directory / '2'))
+  state, _ = ckpts.restore(program.abstract_state, str(directory / '1'))
+  assert int(state.step) == 1
+
+
+def test_resume_never_refuses_a_directory_with_checkpoints(tiny_data, saved_on_8_devices):
+  program = program_on(tiny_config(tiny_data), tiny_data, jax.devices())
+  ckpts = checkpoint.Checkpoints(saved_on_8_devices[0], every_steps=1, max_to_keep=5)
+  with pytest.raises(UserError, match='holds checkpoints up to step 2; --resume=never needs'):
+    ckpts.restore(program.abstract_state, 'never')
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_naming_the_step(tiny_data, tmp_path):
+  config = tiny_config(tiny_data)
+  config.optim.lr = float('inf')  # the first update makes every parameter inf or nan
+  config.optim.warmup_steps = 0
+  config.checkpoint.every_steps = 1
+  with pytest.raises(Diverged, match='not finite at step 2; the last good checkpoint is step 1'):
+    train.train(config, tmp_path)
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == [1]
+
+
+def test_skip_leaves_the_state_unchanged_on_a_bad_batch(tiny_data):
+  config = tiny_config(tiny_data)
+  config.nonfinite = 'skip'
+  program = program_on(config, tiny_data, jax.devices())
+  stream = data.TokenStream(tiny_data, 'train', config.data.seq_len)
+  batch = next(data.train_batches(stream, global_batch=8, seed=0, first_step=0, num_steps=1))
+  state = program.init(0)
+  before = jax.device_get(state.params)
+  bad = dict(batch, weights=np.full_like(batch['weights'], np.nan))
+  state, metrics = program.train_step(state, sharding.host_batch_to_global(bad, program.batch_sharding))
+  assert float(metrics['skipped']) == 1.0 and int(state.step) == 1
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  state, metrics = program.train_step(state, sharding.host_batch_to_global(batch, program.batch_sharding))
+  assert float(metrics['skipped']) == 0.0

@@ -1,0 +1,130 @@
+"""Checkpoints: asynchronous Orbax saves, automatic resume, and stop signals.
+
+A checkpoint holds two items: `state` (the train state: step, parameters, optimizer
+state) and `meta` (JSON: the resolved config, the versions that wrote it, and the
+loader's state, which is the step plus a fingerprint of what the batches depend on).
+Orbax writes a step into a temporary directory and renames it when complete, so a
+save that dies midway leaves nothing `all_steps()` lists: it is never restored.
+"""
+
+import logging
+import os
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+from trainer.errors import UserError
+
+log = logging.getLogger('salt')
+
+
+class Checkpoints:
+  """The checkpoints of one run directory."""
+
+  def __init__(self, directory: epath.PathLike, *, every_steps: int, max_to_keep: int,
+               keep_every_steps: int = 0, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=every_steps, max_to_keep=max_to_keep, keep_period=keep_every_steps or None,
+            enable_async_checkpointing=async_save, create=True),
+        item_names=('state', 'meta'))
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> None:
+    """Starts saving (returns before the write completes when saves are asynchronous)."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore(self, abstract_state: Any, resume: str) -> tuple[Any, dict] | None:
+    """(state, meta) to resume from, or None to start fresh.
+
+    resume: 'auto' restores the latest readable checkpoint here, falling back to older
+      ones when the latest cannot be read; 'never' starts fresh and requires that
+      there are no checkpoints here; any other value is the path of one checkpoint
+      (`RUN/checkpoints/STEP`), restored or refused with an error.
+    """
+    steps = self.manager.all_steps()
+    if resume == 'never':
+      if steps:
+        raise UserError(f'{self.directory} holds checkpoints up to step {max(steps)}; --resume=never '
+                        'needs a run directory without them (or use --resume=auto)')
+      return None
+    if resume != 'auto':
+      return _restore_path(epath.Path(resume), abstract_state)
+    for step in sorted(steps, reverse=True):
+      try:
+        return _restore(self.manager, step, abstract_state)
+      except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
+        log.warning('checkpoint at step %d in %s cannot be read (%s: %s); trying the one before',
+                    step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
+    if steps:
+      raise UserError(f'no checkpoint in {self.directory} can be read (steps {sorted(steps)}); '
+                      'move them away to start fresh')
+    return None
+
+  def wait(self) -> None:
+    """Blocks until every started save has been committed."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                           meta=ocp.args.JsonRestore()))
+  return restored.state, restored.meta
+
+
+def _restore_path(path: epath.Path, abstract_state: Any) -> tuple[Any, dict]:
+  if not path.name.isdigit() or not path.is_dir():
+    raise UserError(f'--resume={path} is not a checkpoint directory (RUN/checkpoints/STEP)')
+  manager = ocp.CheckpointManager(path.parent, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_names=('state', 'meta'))
+  try:
+    return _restore(manager, int(path.name), abstract_state)
+  except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
+    raise UserError(f'checkpoint at step {int(path.name)} ({path}) cannot be read: {type(e).__name__}') from None
+  finally:
+    manager.close()
+
+
+class StopSignals:
+  """SIGTERM and SIGINT ask the run to stop after the current step; a second one ends it now.
+
+  With several processes, a signal reaches one host while the others train on, so the
+  hosts must agree on the step: JAX's preemption service turns SIGTERM on any host
+  into one step at which all of them stop (`reached_preemption_sync_point`). Our own
+  handlers would replace the service's, so there we install none.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.multi_process = jax.process_count() > 1
+    signals = () if self.multi_process else (signal.SIGTERM, signal.SIGINT)
+    self.previous = {s: signal.signal(s, self._handle) for s in signals}
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      os._exit(128 + signum)
+    self.requested = True
+    log.warning('%s: stopping after this step and saving a checkpoint (send it again to exit now)',
+                signal.Signals(signum).name)
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step`; every process gets the same answer."""
+    if self.multi_process:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def restore(self) -> None:
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
