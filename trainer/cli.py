@@ -35,6 +35,17 @@ def _prepare(args, overrides):
     log.warning('  %s', problem)
 
 
+def _score(args, overrides):
+  from trainer.score import score
+
+  if overrides:
+    raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
+  summary = score(args.teacher, Path(args.data), top_k=args.top_k, batch_size=args.batch,
+                  output=Path(args.output) if args.output else None)
+  log.info('scored %d of %d records; %d have no token in the top %d and will never be selected',
+           summary['scored'], summary['records'], summary['unscored'], summary['top_k'])
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='salt', description=__doc__)
   sub = p.add_subparsers(dest='command', required=True)
@@ -65,6 +76,14 @@ def parser() -> argparse.ArgumentParser:
                     help='longer documents are stored as consecutive records of this many tokens')
   prep.add_argument('--workers', type=int, help='processes tokenizing in parallel (default: all cores)')
   prep.set_defaults(run=_prepare)
+
+  sc = sub.add_parser('score', help="score every training record with the small model (SALT's data selection)")
+  sc.add_argument('--teacher', required=True, help='the small model: a salt checkpoint, RUN/checkpoints/STEP')
+  sc.add_argument('--data', required=True, help='a directory written by salt prepare')
+  sc.add_argument('--top-k', type=int, default=10, help='a token counts as learnable if it is in the top k')
+  sc.add_argument('--batch', type=int, help="windows per batch (default: the teacher run's global batch)")
+  sc.add_argument('--output', help='where to write the scores (default: DATA/scores.npy)')
+  sc.set_defaults(run=_score)
   return p
 
 

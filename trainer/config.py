@@ -9,6 +9,7 @@ import ast
 import difflib
 import importlib.util
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 REMAT_POLICIES = ('none', 'full', 'dots')
 DECAY_SCHEDULES = ('cosine', 'linear')
 DTYPES = ('float32', 'bfloat16')
+KD_SCHEDULES = ('constant', 'linear', 'linear_ratio')
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -72,6 +74,18 @@ def defaults() -> ml_collections.ConfigDict:
       clip_norm=1.0,
   )
   c.loss = dict(vocab_chunk=8192)
+  # Stage 1 is steps [0, salt.n_kd): it distills from `teacher` when one is set and
+  # reads only the records data.selection keeps when scores are given. Stage 2 is
+  # plain next-token training on all the data.
+  c.salt = dict(
+      teacher='',  # a salt checkpoint of the small model (RUN/checkpoints/STEP); '' = none
+      n_kd=0,
+      weight=0.5,  # w at step 0 in loss = (1 - w) CE + w KD
+      schedule='constant',  # one of KD_SCHEDULES; constant is the paper's main recipe
+      tau=1.0,
+      tau_squared=False,  # scale KD by tau**2, keeping its gradient's size as tau changes
+      teacher_top_k=0,  # keep the teacher's top k tokens, renormalised (0: all)
+  )
   # Mesh axis sizes; -1 takes the devices the other axes leave.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   # Logical axis -> comma-separated mesh axes ('' = replicated).
@@ -195,7 +209,7 @@ def _parse(text: str, want: type) -> Any:
   return value
 
 
-def mesh_shape(mesh: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
+def mesh_shape(mesh: Mapping[str, int], device_count: int) -> dict[str, int]:
   """Resolves -1 in the mesh config against the device count."""
   sizes = {axis: mesh[axis] for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
@@ -238,7 +252,17 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _require(config.loss.vocab_chunk > 0, f'loss.vocab_chunk={config.loss.vocab_chunk} must be positive')
   _require(d.seq_len > 0, f'data.seq_len={d.seq_len} must be positive')
   _require(d.workers >= 0, f'data.workers={d.workers} must be >= 0')
-  sel = d.selection
+  sel, kd = d.selection, config.salt
+  _require(kd.schedule in KD_SCHEDULES, f'salt.schedule={kd.schedule!r} must be one of {KD_SCHEDULES}')
+  _require(0 <= kd.n_kd <= config.total_steps,
+           f'salt.n_kd={kd.n_kd} must be in [0, total_steps={config.total_steps}]')
+  _require(not kd.teacher or kd.n_kd, 'salt.teacher is set but salt.n_kd=0; set the number of distillation steps')
+  _require(not sel.scores or kd.n_kd,
+           'data.selection.scores is set but salt.n_kd=0; selection applies to stage 1, steps [0, salt.n_kd)')
+  top = 0.999 if kd.schedule == 'linear_ratio' else 1.0
+  _require(0 <= kd.weight <= top, f'salt.weight={kd.weight} must be in [0, {top}] for schedule {kd.schedule!r}')
+  _require(kd.tau > 0, f'salt.tau={kd.tau} must be positive')
+  _require(kd.teacher_top_k >= 0, f'salt.teacher_top_k={kd.teacher_top_k} must be >= 0 (0 keeps every token)')
   _require(sel.rule in ('top', 'band'), f"data.selection.rule={sel.rule!r} must be 'top' or 'band'")
   _require(0 < sel.keep_fraction <= 1, f'data.selection.keep_fraction={sel.keep_fraction} must be in (0, 1]')
   _require(0 <= sel.band_low < sel.band_high <= 1,

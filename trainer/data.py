@@ -61,6 +61,12 @@ class TokenStream:
     # Worker processes open their own readers.
     return {**self.__dict__, '_source': None}
 
+  def record_tokens(self, k: int) -> np.ndarray:
+    """The tokens of the stream's k-th record."""
+    if self._source is None:
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    return np.frombuffer(self._source.__getitems__([int(self.records[k])])[0], self.dtype)
+
   def row(self, r: int) -> dict[str, np.ndarray]:
     """Tokens, segment ids and positions of row r, each [S]."""
     if self._source is None:

@@ -5,6 +5,7 @@ model's structure (an NNX GraphDef) is static and closed over, so `jax.jit` sees
 arrays with explicit shardings: the same program on one CPU, a GPU host or a pod.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kernels import chunked_cross_entropy
+from kernels import token_losses as fused_token_losses
 from trainer import sharding
 from trainer.model import ModelConfig, Transformer
 
@@ -66,32 +67,66 @@ def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, shardings
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, vocab_chunk: int) -> jax.Array:
-  """Per-token next-token cross-entropy, [B, L] float32 (padding included; weight it)."""
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+  """How stage 1 mixes the teacher in: loss = (1 - w) CE + w KD, w = weight(step)."""
+  teacher_graphdef: nnx.GraphDef
+  weight: Callable[[jax.Array], jax.Array]
+  tau: float = 1.0
+  tau_squared: bool = False
+  teacher_top_k: int = 0
+
+
+def _hidden(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """[B*L, D] final hidden states and the [D, V] unembedding of a model."""
   model = nnx.merge(graphdef, params)
   h_BxLxD = model(batch['inputs'], batch['positions'], batch['segment_ids'])
-  B, L, D = h_BxLxD.shape
-  losses = chunked_cross_entropy(h_BxLxD.reshape(B * L, D), model.unembedding(),
-                                 batch['targets'].reshape(B * L), chunk=vocab_chunk)
-  return losses.reshape(B, L)
+  return h_BxLxD.reshape(-1, h_BxLxD.shape[-1]), model.unembedding()
+
+
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, vocab_chunk: int) -> jax.Array:
+  """Per-token next-token cross-entropy, [B, L] float32 (padding included; weight it)."""
+  h, unembedding = _hidden(graphdef, params, batch)
+  losses = fused_token_losses(h, unembedding, batch['targets'].reshape(-1), chunk=vocab_chunk)
+  return losses.ce.reshape(batch['targets'].shape)
+
+
+def _weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
+  return (x.reshape(weights.shape) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    vocab_chunk: int, skip_nonfinite: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """The train step. With `skip_nonfinite`, a batch whose loss or gradient is not finite
-  leaves parameters and optimizer state as they were (metric `skipped` = 1)."""
+                    vocab_chunk: int, skip_nonfinite: bool = False, distillation: Distillation | None = None):
+  """The train step: (state, batch) -> (state, metrics), or (state, batch, teacher_params)
+  -> (state, metrics) for stage 1 when `distillation` is given.
 
-  def loss_fn(params, batch):
-    weights = batch['weights']
-    loss = (token_losses(graphdef, params, batch, vocab_chunk) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-    return loss
+  With `skip_nonfinite`, a batch whose loss or gradient is not finite leaves parameters
+  and optimizer state as they were (metric `skipped` = 1).
+  """
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+  def loss_fn(params, batch, teacher_params, step_number):
+    h, unembedding = _hidden(graphdef, params, batch)
+    targets, weights = batch['targets'].reshape(-1), batch['weights']
+    if distillation is None:
+      ce = _weighted_mean(fused_token_losses(h, unembedding, targets, chunk=vocab_chunk).ce, weights)
+      return ce, {'ce': ce}
+    h_t, unembedding_t = _hidden(distillation.teacher_graphdef, teacher_params, batch)
+    terms = fused_token_losses(h, unembedding, targets, (h_t, unembedding_t), tau=distillation.tau,
+                               teacher_top_k=distillation.teacher_top_k, chunk=vocab_chunk)
+    w = distillation.weight(step_number)
+    kd = terms.kd * distillation.tau ** 2 if distillation.tau_squared else terms.kd
+    loss = _weighted_mean((1 - w) * terms.ce + w * kd, weights)
+    return loss, {'ce': _weighted_mean(terms.ce, weights), 'kd': _weighted_mean(terms.kd, weights), 'w': w,
+                  'teacher_ce': _weighted_mean(terms.teacher_ce, weights),
+                  'top1_agreement': _weighted_mean(terms.agree, weights)}
+
+  def train_step(state: TrainState, batch: Batch, teacher_params: nnx.State | None = None):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, teacher_params, state.step)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': batch['weights'].sum()}
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+               'tokens': batch['weights'].sum(), **aux}
     if skip_nonfinite:
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
@@ -125,3 +160,10 @@ def jit_steps(train_step, eval_step, shardings: TrainState, batch_sharding, mesh
                   out_shardings=(shardings, replicated), donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(shardings.params, batch_shardings), out_shardings=replicated)
   return train, evaluate
+
+
+def jit_distillation_step(train_step, shardings: TrainState, batch_sharding, teacher_shardings, mesh: Mesh):
+  """The stage-1 step under jit: the teacher's parameters are an input, never donated."""
+  batch_shardings = {k: batch_sharding for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
+  return jax.jit(train_step, in_shardings=(shardings, batch_shardings, teacher_shardings),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from trainer import checkpoint, corpus, data, metrics, sharding, step
+from trainer import checkpoint, corpus, data, metrics, salt, sharding, step
 from trainer.config import mesh_shape, validate
 from trainer.errors import Diverged, Preempted, UserError
 from trainer.model import ModelConfig, flops_per_token, param_count
@@ -73,6 +73,7 @@ class Program:
   init: Callable[[int], step.TrainState]
   abstract_state: step.TrainState
   train_step: Callable
+  distillation_step: Callable[[salt.Teacher], Callable]
   eval_step: Callable
   batch_sharding: NamedSharding
 
@@ -93,8 +94,19 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
                            skip_nonfinite=config.nonfinite == 'skip'),
       step.make_eval_step(graphdef, config.loss.vocab_chunk, token_bytes),
       shardings, batch_sharding, mesh)
+
+  def distillation_step(teacher: salt.Teacher) -> Callable:
+    k = config.salt
+    weight = functools.partial(salt.kd_weight, schedule=k.schedule, weight=k.weight, n_kd=k.n_kd)
+    distillation = step.Distillation(teacher.graphdef, weight, k.tau, k.tau_squared, k.teacher_top_k)
+    return step.jit_distillation_step(
+        step.make_train_step(graphdef, tx, schedule, config.loss.vocab_chunk,
+                             skip_nonfinite=config.nonfinite == 'skip', distillation=distillation),
+        shardings, batch_sharding, jax.tree.map(lambda x: x.sharding, teacher.params), mesh)
+
   return Program(init=functools.partial(step.init_state, model_cfg, tx, shardings=shardings),
-                 abstract_state=step.abstract_state(model_cfg, tx, shardings), train_step=train_step, eval_step=eval_step, batch_sharding=batch_sharding)
+                 abstract_state=step.abstract_state(model_cfg, tx, shardings), train_step=train_step,
+                 distillation_step=distillation_step, eval_step=eval_step, batch_sharding=batch_sharding)
 
 
 def evaluate(program: Program, params, stream: data.TokenStream, config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -116,6 +128,7 @@ def data_fingerprint(config: ml_collections.ConfigDict, manifest: dict, selectio
       'train_records': manifest['splits']['train']['records'],
       'train_tokens': manifest['splits']['train']['tokens'],
       'selection_sha256': None if selection is None else hashlib.sha256(selection.astype('<i8').tobytes()).hexdigest(),
+      'n_kd': config.salt.n_kd,
       'shuffle_seed': config.data.shuffle_seed,
       'seq_len': config.data.seq_len,
       'global_batch_size': config.data.global_batch_size,
@@ -131,6 +144,12 @@ def check_resumed_data(saved: dict, current: dict, step: int) -> None:
   if changed:
     log.warning('resuming at step %d with other data settings (%s): from here on the batches differ '
                 'from those the interrupted run would have read', step, '; '.join(changed))
+
+
+def mean_metrics(pending: list[dict]) -> dict[str, float]:
+  """Each metric's mean over the steps that reported it (stage 1 reports more than stage 2)."""
+  keys = dict.fromkeys(k for m in pending for k in m)
+  return {k: float(np.mean([m[k] for m in pending if k in m])) for k in keys}
 
 
 def first_nonfinite(pending: list[dict], first_step: int) -> int | None:
@@ -157,7 +176,10 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
   manifest = read_manifest(data_dir)
   check_tokenizer(config, manifest, data_dir)
   selection = select(config.data.selection, manifest)
-  train_stream = data.TokenStream(data_dir, 'train', config.data.seq_len, selection)
+  n_kd = config.salt.n_kd
+  full_stream = data.TokenStream(data_dir, 'train', config.data.seq_len)
+  stage1_stream = full_stream if selection is None else data.TokenStream(
+      data_dir, 'train', config.data.seq_len, selection)
   eval_stream = (data.TokenStream(data_dir, 'validation', config.data.seq_len)
                  if 'validation' in manifest['splits'] else None)
   program = build(config, mesh, data.token_bytes(data_dir / manifest['tokenizer']))
@@ -189,13 +211,26 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
            param_count(model_cfg) / 1e6, flops, dict(mesh.shape), jax.device_count(),
            jax.devices()[0].device_kind)
   log.info('data: %s (%d training tokens, %d rows of %d); unigram entropy %.3f nats/token',
-           data_dir, train_stream.offsets[-1], len(train_stream), seq_len + 1, manifest['unigram_entropy'])
+           data_dir, full_stream.offsets[-1], len(full_stream), seq_len + 1, manifest['unigram_entropy'])
+  if selection is not None:
+    log.info('stage 1 reads %d of %d records (%d tokens), selected by %s', len(selection),
+             manifest['splits']['train']['records'], stage1_stream.offsets[-1], config.data.selection.rule)
 
   first_step = int(state.step)
-  batches = data.train_batches(
-      train_stream, global_batch=global_batch, seed=config.data.shuffle_seed, first_step=first_step,
-      num_steps=config.total_steps - first_step, process_index=jax.process_index(),
-      process_count=jax.process_count(), workers=config.data.workers)
+  teacher = None
+  if config.salt.teacher and first_step < n_kd:
+    teacher = salt.load_teacher(config.salt.teacher, mesh, sharding.parse_rules(config.sharding),
+                                manifest['tokenizer_sha256'])
+    distillation_step = program.distillation_step(teacher)
+    log.info('teacher: %s, %.1fM parameters; distillation for steps [%d, %d)', teacher.path,
+             param_count(ModelConfig(**teacher.config['model'])) / 1e6, first_step, n_kd)
+  loader = functools.partial(data.train_batches, global_batch=global_batch, seed=config.data.shuffle_seed,
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             workers=config.data.workers)
+  # Stage 2 reads the full stream from its start: its step s reads the stream's step s - n_kd.
+  stage1 = loader(stage1_stream, first_step=first_step, num_steps=max(n_kd - first_step, 0))
+  stage2 = loader(full_stream, first_step=max(first_step - n_kd, 0),
+                  num_steps=config.total_steps - max(first_step, n_kd))
   writer = metrics.MetricWriter(workdir, enabled=is_main)
   throughput = metrics.Throughput(flops, global_batch * seq_len, jax.devices())
   stop = checkpoint.StopSignals()
@@ -203,7 +238,17 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
   pending, pending_from, last = [], first_step, {}
   try:
     for step_index in range(first_step, config.total_steps):
-      state, step_metrics = program.train_step(state, sharding.host_batch_to_global(next(batches), program.batch_sharding))
+      if step_index < n_kd:
+        batch = sharding.host_batch_to_global(next(stage1), program.batch_sharding)
+        state, step_metrics = (distillation_step(state, batch, teacher.params) if teacher
+                               else program.train_step(state, batch))
+      else:
+        if teacher:
+          salt.free(teacher)
+          teacher = distillation_step = None
+          log.info('step %d: stage 2, the teacher\'s arrays are freed', step_index)
+        state, step_metrics = program.train_step(
+            state, sharding.host_batch_to_global(next(stage2), program.batch_sharding))
       pending.append(step_metrics)
       done = step_index + 1
       bar.update(1)
@@ -225,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
         meta = {'config': resolved, 'versions': versions(), 'data': {'step': done, 'fingerprint': fingerprint}}
         checkpoints.save(done, state, meta, force=stopping)
       if logging_now:
-        last = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        last = {**mean_metrics(pending), 'stage': 1 if done <= n_kd else 2}
         last.update(throughput(done))
         if eval_stream and (done % config.eval.every_steps == 0 or done == config.total_steps):
           last.update(evaluate(program, state.params, eval_stream, config))
@@ -240,7 +285,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
   finally:
     stop.restore()
     bar.close()
-    batches.close()
+    stage1.close()
+    stage2.close()
     writer.close()
     checkpoints.close()
   if 'eval_loss' in last:

@@ -1,0 +1,157 @@
+"""SALT end to end on the tiny model: w schedules, the teacher, the two stages, scoring."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.conftest import tiny_config
+from tests.runs import logged
+from trainer import data, salt, sharding, train
+from trainer.config import mesh_shape
+from trainer.errors import UserError
+from trainer.score import score, windows
+
+
+@pytest.mark.parametrize('schedule, expected', [
+    # weight 0.5, n_kd 10, at steps 0, 5, 9, 10, 20
+    ('constant', [0.5, 0.5, 0.5, 0.0, 0.0]),
+    ('linear', [0.5, 0.25, 0.05, 0.0, 0.0]),
+    # w / (1 - w) = 1 at step 0 falls to 0.5 at step 5: w = 1/3; to 0.1 at step 9: w = 1/11.
+    ('linear_ratio', [0.5, 1 / 3, 1 / 11, 0.0, 0.0]),
+])
+def test_kd_weight_schedules(schedule, expected):
+  got = [float(salt.kd_weight(jnp.float32(s), schedule=schedule, weight=0.5, n_kd=10)) for s in (0, 5, 9, 10, 20)]
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope='module')
+def teacher_path(tiny_data, tmp_path_factory):
+  """A small teacher trained for 20 steps on the tiny corpus."""
+  workdir = tmp_path_factory.mktemp('teacher')
+  config = tiny_config(tiny_data)
+  config.total_steps = 20
+  config.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64)
+  config.checkpoint.every_steps = 20
+  train.train(config, workdir)
+  return str(workdir / 'checkpoints' / '20')
+
+
+def salt_config(data_dir, teacher, **salt_options):
+  config = tiny_config(data_dir)
+  config.total_steps = 8
+  config.log.every_steps = 1
+  config.checkpoint.every_steps = 2
+  config.salt.update(teacher=teacher, n_kd=4, **salt_options)
+  return config
+
+
+def test_stage_one_distills_and_stage_two_trains_alone(tiny_data, teacher_path, tmp_path):
+  train.train(salt_config(tiny_data, teacher_path, tau=2.0, teacher_top_k=5), tmp_path)
+  records = logged(tmp_path)
+  stage1, stage2 = records[:4], records[4:]
+  for r in stage1:
+    assert r['stage'] == 1 and r['w'] == 0.5
+    assert {'kd', 'teacher_ce', 'top1_agreement'} <= r.keys()
+    assert r['loss'] == pytest.approx(0.5 * r['ce'] + 0.5 * r['kd'], rel=1e-5)
+  for r in stage2:
+    # The stage-2 step computes no teacher terms: the teacher is not run.
+    assert r['stage'] == 2 and not {'kd', 'w', 'teacher_ce'} & r.keys()
+    assert r['loss'] == r['ce']
+  assert [r['step'] for r in records] == list(range(1, 9))
+
+
+def test_the_stage_two_program_has_no_teacher_and_the_teacher_is_freed(tiny_data, teacher_path):
+  config = salt_config(tiny_data, teacher_path)
+  mesh = sharding.make_mesh(mesh_shape(config.mesh, jax.device_count()))
+  program = train.build(config, mesh, np.ones(320, np.int32))
+  teacher = salt.load_teacher(teacher_path, mesh, sharding.parse_rules(config.sharding),
+                              data.read_manifest(tiny_data)['tokenizer_sha256'])
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(teacher.params))
+  state = program.abstract_state
+  batch = {k: jax.ShapeDtypeStruct((8, 32), jnp.float32 if k == 'weights' else jnp.int32,
+                                   sharding=program.batch_sharding)
+           for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
+  stage1 = program.distillation_step(teacher).lower(state, batch, teacher.params).compile()
+  stage2 = program.train_step.lower(state, batch).compile()
+  teacher_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(teacher.params))
+  # The compiled stage-2 step takes no teacher input and does less work than stage 1.
+  assert stage2.memory_analysis().argument_size_in_bytes + teacher_bytes <= \
+      stage1.memory_analysis().argument_size_in_bytes
+  assert stage2.cost_analysis()['flops'] < stage1.cost_analysis()['flops']
+  salt.free(teacher)
+  assert all(x.is_deleted() for x in jax.tree.leaves(teacher.params))
+
+
+def test_a_resume_after_n_kd_never_reads_the_teacher(tiny_data, teacher_path, tmp_path):
+  moved = tmp_path / 'teacher-copy'
+  shutil.copytree(teacher_path, moved)
+  config = salt_config(tiny_data, str(moved))
+  config.total_steps = 6
+  train.train(config, tmp_path / 'run')
+  shutil.rmtree(moved)  # gone: a resume at step 6 > n_kd = 4 must not need it
+  config.total_steps = 8
+  last = train.train(config, tmp_path / 'run')
+  assert last['stage'] == 2
+  assert [r['step'] for r in logged(tmp_path / 'run')] == list(range(1, 9))
+
+
+def test_a_missing_teacher_or_another_tokenizer_is_a_clear_error(tiny_data, teacher_path, tmp_path):
+  with pytest.raises(UserError, match="salt.teacher='.*nowhere' is not a salt checkpoint"):
+    train.train(salt_config(tiny_data, str(tmp_path / 'nowhere')), tmp_path / 'run')
+  mesh = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
+  with pytest.raises(UserError, match='was trained with tokenizer .* the student\'s data with 000000000000'):
+    salt.load_teacher(teacher_path, mesh, sharding.parse_rules(tiny_config().sharding), '0' * 64)
+
+
+def numpy_scores(teacher_path, data_dir, top_k):
+  """The scores from full logits, computed window by window with NumPy."""
+  meta = salt.teacher_metadata(teacher_path)['config']
+  seq_len = meta['data']['seq_len']
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  rules = sharding.parse_rules(meta['sharding'])
+  teacher = salt.load_teacher(teacher_path, mesh, rules, data.read_manifest(data_dir)['tokenizer_sha256'])
+  model = nnx.merge(teacher.graphdef, teacher.params)
+  stream = data.TokenStream(data_dir, 'train', seq_len)
+  per_record = {}
+  for record, start in zip(*windows(stream, seq_len)):
+    tokens = stream.record_tokens(record)[start:start + seq_len + 1].astype(np.int32)
+    n = tokens.size - 1
+    h = model(jnp.asarray(tokens[None, :-1]), jnp.arange(n)[None] + start, jnp.ones((1, n), jnp.int32))
+    logits = np.asarray((h[0].astype(jnp.float32) @ model.unembedding().astype(jnp.float32)), np.float64)
+    targets = tokens[1:]
+    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+    loss = -log_p[np.arange(n), targets]
+    in_top_k = logits[np.arange(n), targets] >= np.sort(logits, -1)[:, -top_k]
+    per_record.setdefault(record, []).extend(loss[in_top_k])
+  return np.array([np.median(per_record[r]) if per_record.get(r) else np.nan for r in range(len(stream.records))])
+
+
+def test_scores_equal_a_numpy_computation(tiny_data, teacher_path, tmp_path):
+  summary = score(teacher_path, tiny_data, top_k=3, batch_size=8, output=tmp_path / 'scores.npy', progress=False)
+  got = np.load(tmp_path / 'scores.npy')
+  want = numpy_scores(teacher_path, tiny_data, top_k=3)
+  assert summary['records'] == got.size == want.size
+  assert summary['unscored'] == int(np.isnan(want).sum())
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  # The model runs in float32 here; the chunked loss sums in another order than NumPy.
+  np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=2e-3, atol=2e-3)
+  assert json.loads((tmp_path / 'scores.json').read_text())['top_k'] == 3
+
+
+def test_stage_one_reads_the_selected_records(tiny_data, teacher_path, tmp_path):
+  n = data.read_manifest(tiny_data)['splits']['train']['records']
+  fake_scores = np.arange(n, dtype=np.float32)
+  fake_scores[::7] = np.nan
+  np.save(tmp_path / 'scores.npy', fake_scores)
+  config = salt_config(tiny_data, teacher_path)
+  config.data.selection.update(scores=str(tmp_path / 'scores.npy'), rule='top', keep_fraction=0.25)
+  train.train(config, tmp_path / 'run')
+  written = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  kept = data.select_records(fake_scores, rule='top', keep_fraction=0.25)
+  assert written['selection']['records'] == kept.size == round(0.25 * np.isfinite(fake_scores).sum())

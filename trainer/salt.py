@@ -1,0 +1,93 @@
+"""SALT: a small model (the teacher) helps for the first `n_kd` steps, then training goes on alone.
+
+Stage 1, steps [0, n_kd): the loss is (1 - w) * CE + w * KD per token, KD being the
+cross-entropy of the student's softened distribution against the teacher's, and w
+following a schedule. Stage 2, steps [n_kd, total): plain CE; the teacher's arrays are
+deleted and its step is never compiled again.
+
+The teacher is any salt checkpoint (`RUN/checkpoints/STEP`): its model config and
+tokenizer hash come from the checkpoint's metadata; its parameters are restored alone
+(no optimizer state), in bfloat16, into the student's mesh with the same rules.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh
+
+from trainer import sharding, step
+from trainer.errors import UserError
+from trainer.model import ModelConfig
+
+def kd_weight(step_number: jax.Array, *, schedule: str, weight: float, n_kd: int) -> jax.Array:
+  """w at a step: `weight` at step 0, 0 from n_kd on.
+
+  constant: w = weight until n_kd (the paper's main recipe).
+  linear: w falls linearly to 0 at n_kd.
+  linear_ratio: w / (1 - w) falls linearly to 0 at n_kd.
+  """
+  left = jnp.clip(1.0 - step_number / n_kd, 0.0, 1.0)
+  if schedule == 'constant':
+    return jnp.where(step_number < n_kd, weight, 0.0)
+  if schedule == 'linear':
+    return weight * left
+  ratio = weight / (1.0 - weight) * left
+  return ratio / (1.0 + ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  graphdef: nnx.GraphDef
+  params: nnx.State  # bfloat16, sharded like the student's
+  config: dict  # the teacher run's resolved config
+  path: str
+
+
+def teacher_metadata(path: str) -> dict:
+  """The `meta` item of a checkpoint: config and versions. Raises UserError if unreadable."""
+  checkpoint = epath.Path(path)
+  if not (checkpoint / 'meta').is_dir():
+    raise UserError(f'salt.teacher={path!r} is not a salt checkpoint (RUN/checkpoints/STEP with a meta item)')
+  try:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(checkpoint / 'meta')
+  except Exception as e:  # Orbax raises several types for unreadable files
+    raise UserError(f'salt.teacher={path!r}: cannot read its metadata ({type(e).__name__})') from None
+
+
+def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256: str) -> Teacher:
+  """Restores a teacher's parameters (only) in bfloat16 into `mesh`.
+
+  Raises UserError when the path is not a checkpoint or cannot be read, or when the
+  teacher was trained with another tokenizer than the student's data.
+  """
+  meta = teacher_metadata(path)
+  teacher_config = meta['config']
+  if teacher_config['data']['tokenizer_sha256'] != tokenizer_sha256:
+    raise UserError(
+        f'the teacher {path} was trained with tokenizer {teacher_config["data"]["tokenizer_sha256"][:12]}..., '
+        f'the student\'s data with {tokenizer_sha256[:12]}...; prepare the data with the teacher\'s '
+        'tokenizer (salt prepare --tokenizer)')
+  cfg = ModelConfig(**teacher_config['model'])
+  graphdef, abstract_params = step.abstract_model(cfg)
+  logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract_params))
+  shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s),
+                        abstract_params, shardings)
+  try:
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        epath.Path(path) / 'state',
+        args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
+                                    restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)}))
+  except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
+    raise UserError(f'salt.teacher={path!r}: cannot read its parameters ({type(e).__name__})') from None
+  return Teacher(graphdef=graphdef, params=restored['params'], config=teacher_config, path=str(path))
+
+
+def free(teacher: Teacher) -> None:
+  """Deletes the teacher's device arrays: stage 2 has no use for them."""
+  for x in jax.tree.leaves(teacher.params):
+    x.delete()

@@ -1,0 +1,158 @@
+"""`salt score`: how "challenging yet learnable" the small model finds each training record.
+
+    S(x) = median { -log p(x_t | x_<t) : x_t in top_k(p(. | x_<t)) }      (k = 10)
+
+the median loss over the tokens whose true value the model ranks in its top k. A
+record with no such token has no score (NaN) and is never selected. Records are read
+in windows of the model's sequence length (context restarts at each window); each
+token after a record's first is predicted once.
+
+The job runs on all devices and hosts (each host reads its rows of every global
+batch), shows progress, saves its progress every `SAVE_EVERY` batches and continues
+from there when run again. Output, beside the shards: `scores.npy` (float32, one per
+training record, in record order) and `scores.json` (teacher, k, counts).
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from kernels import target_in_top_k, token_losses
+from trainer import data, salt, sharding
+from trainer.config import mesh_shape
+from trainer.errors import UserError
+from trainer.prepare import read_manifest
+
+log = logging.getLogger('salt')
+SAVE_EVERY = 50
+
+
+def windows(stream: data.TokenStream, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """(record, start) of every window of seq_len + 1 tokens; windows overlap by one token."""
+  lengths = np.diff(stream.offsets)
+  counts = np.maximum(-(-(lengths - 1) // seq_len), 0)
+  records = np.repeat(np.arange(lengths.size), counts)
+  starts = np.concatenate([np.arange(c) * seq_len for c in counts]) if counts.sum() else np.zeros(0, np.int64)
+  return records, starts.astype(np.int64)
+
+
+def read_window(stream: data.TokenStream, record: int, start: int, seq_len: int) -> dict[str, np.ndarray]:
+  raw = stream.record_tokens(record)[start:start + seq_len + 1]
+  tokens = np.zeros(seq_len + 1, np.int32)
+  tokens[:raw.size] = raw
+  valid = np.zeros(seq_len, np.float32)
+  valid[:raw.size - 1] = 1.0
+  return {'inputs': tokens[:-1], 'targets': tokens[1:], 'positions': np.arange(seq_len, dtype=np.int32) + start,
+          'segment_ids': np.ones(seq_len, np.int32), 'weights': valid}
+
+
+def make_score_step(graphdef: nnx.GraphDef, top_k: int, chunk: int):
+  """(params, batch) -> per-token loss and whether the target is in the model's top k, [B, L]."""
+
+  def score_step(params, batch):
+    model = nnx.merge(graphdef, params)
+    h = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+    h_TxD, targets_T = h.reshape(-1, h.shape[-1]), batch['targets'].reshape(-1)
+    w = model.unembedding()
+    loss = token_losses(h_TxD, w, targets_T, chunk=chunk).ce.reshape(batch['targets'].shape)
+    learnable = target_in_top_k(h_TxD, w, targets_T, top_k, chunk=chunk).reshape(batch['targets'].shape)
+    return loss, learnable & (batch['weights'] > 0)
+
+  return score_step
+
+
+def median_per_record(records: np.ndarray, losses: np.ndarray, learnable: np.ndarray, n: int) -> np.ndarray:
+  """Median of the learnable tokens' losses of each record; NaN where there is none."""
+  keep = learnable.astype(bool)
+  rec, loss = records[keep], losses[keep]
+  order = np.lexsort((loss, rec))
+  rec, loss = rec[order], loss[order]
+  scores = np.full(n, np.nan, np.float32)
+  bounds = np.searchsorted(rec, np.arange(n + 1))
+  for r in np.flatnonzero(np.diff(bounds)):
+    scores[r] = np.median(loss[bounds[r]:bounds[r + 1]])
+  return scores
+
+
+def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int | None = None,
+          output: Path | None = None, progress: bool = True) -> dict:
+  """Scores every training record of `data_dir` with the model at `teacher_path`; returns the summary."""
+  data_dir = Path(data_dir)
+  manifest = read_manifest(data_dir)
+  output = Path(output or data_dir / 'scores.npy')
+  meta_config = salt.teacher_metadata(teacher_path)['config']
+  seq_len = meta_config['data']['seq_len']
+  batch_size = batch_size or meta_config['data']['global_batch_size']
+  mesh = sharding.make_mesh(mesh_shape(meta_config['mesh'], jax.device_count()))
+  rules = sharding.parse_rules(meta_config['sharding'])
+  batch_shards = int(np.prod([mesh.shape[a] for a in rules['batch']]))
+  if batch_size % batch_shards or batch_size % jax.process_count():
+    raise UserError(f'--batch {batch_size} does not divide over the batch axes ({batch_shards}) and processes')
+  teacher = salt.load_teacher(teacher_path, mesh, rules, manifest['tokenizer_sha256'])
+  stream = data.TokenStream(data_dir, 'train', seq_len)
+  records, starts = windows(stream, seq_len)
+  n_batches = -(-records.size // batch_size)
+
+  partial = output.with_name(output.name + '.partial.npz')
+  losses = np.zeros((n_batches * batch_size, seq_len), np.float32)
+  learnable = np.zeros((n_batches * batch_size, seq_len), bool)
+  first = 0
+  if partial.exists():
+    saved = np.load(partial)
+    if saved['losses'].shape == losses.shape:
+      first = int(saved['done'])
+      losses[:first * batch_size], learnable[:first * batch_size] = saved['losses'][:first * batch_size], \
+          saved['learnable'][:first * batch_size]
+      log.info('continuing from batch %d of %d', first, n_batches)
+
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step = jax.jit(make_score_step(teacher.graphdef, top_k, meta_config['loss']['vocab_chunk']),
+                 in_shardings=(jax.tree.map(lambda x: x.sharding, teacher.params), batch_sharding),
+                 out_shardings=sharding.replicated(mesh))
+  per_process = batch_size // jax.process_count()
+  mine = jax.process_index() * per_process
+  for b in tqdm.trange(first, n_batches, initial=first, total=n_batches, disable=not progress,
+                       unit='batch', desc='scoring'):
+    rows = range(b * batch_size + mine, b * batch_size + mine + per_process)
+    host = [read_window(stream, records[i], starts[i], seq_len) if i < records.size else _empty_window(seq_len)
+            for i in rows]
+    batch = {k: np.stack([w[k] for w in host]) for k in host[0]}
+    loss, ok = jax.device_get(step(teacher.params, sharding.host_batch_to_global(batch, batch_sharding)))
+    losses[b * batch_size:(b + 1) * batch_size], learnable[b * batch_size:(b + 1) * batch_size] = loss, ok
+    if (b + 1) % SAVE_EVERY == 0 and jax.process_index() == 0:
+      _atomic_savez(partial, losses=losses, learnable=learnable, done=b + 1)
+
+  window_records = np.repeat(np.pad(records, (0, n_batches * batch_size - records.size), constant_values=-1),
+                             seq_len)
+  valid = window_records >= 0
+  scores = median_per_record(window_records[valid], losses.reshape(-1)[valid], learnable.reshape(-1)[valid],
+                             len(stream.records))
+  summary = {'teacher': teacher_path, 'top_k': top_k, 'seq_len': seq_len, 'records': int(scores.size),
+             'scored': int(np.isfinite(scores).sum()), 'unscored': int(np.isnan(scores).sum())}
+  if jax.process_index() == 0:
+    tmp = output.with_name(output.name + '.tmp.npy')
+    np.save(tmp, scores)
+    os.replace(tmp, output)
+    output.with_suffix('.json').write_text(json.dumps(summary, indent=2))
+    partial.unlink(missing_ok=True)
+  salt.free(teacher)
+  return summary
+
+
+def _empty_window(seq_len: int) -> dict[str, np.ndarray]:
+  zeros = np.zeros(seq_len, np.int32)
+  return {'inputs': zeros, 'targets': zeros, 'positions': zeros, 'segment_ids': zeros,
+          'weights': np.zeros(seq_len, np.float32)}
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+  tmp = path.with_name(path.name + '.tmp')
+  with open(tmp, 'wb') as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
