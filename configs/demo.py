@@ -4,13 +4,18 @@
 
 `make demo` runs exactly this. With no `data.path` the corpus is downloaded once and
 prepared with a 2048-token sentencepiece vocabulary; three whole plays are held out.
+
+    salt train --config configs/demo.py:slm --workdir runs/slm
+
+trains the small model (SLM) of the same tokenizer, the teacher for SALT's stage 1.
 """
 
 from trainer.config import defaults
 
 
 def get_config(arg=None):
-  del arg
+  if arg not in (None, 'slm'):
+    raise ValueError(f"configs/demo.py takes no argument or 'slm', got {arg!r}")
   c = defaults()
   c.total_steps = 450
   c.model.update(
@@ -29,4 +34,6 @@ def get_config(arg=None):
   c.loss.vocab_chunk = 1024
   c.eval.update(every_steps=150, batches=16)
   c.log.every_steps = 20
+  if arg == 'slm':
+    c.model.update(d_model=128, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=384)
   return c

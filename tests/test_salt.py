@@ -109,26 +109,35 @@ def test_a_missing_teacher_or_another_tokenizer_is_a_clear_error(tiny_data, teac
 
 
 def numpy_scores(teacher_path, data_dir, top_k):
-  """The scores from full logits, computed window by window with NumPy."""
+  """The scores from full logits, with NumPy: every window padded to the sequence length,
+  one forward pass for all of them, then each record's median by hand."""
   meta = salt.teacher_metadata(teacher_path)['config']
-  seq_len = meta['data']['seq_len']
+  L = meta['data']['seq_len']
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
-  rules = sharding.parse_rules(meta['sharding'])
-  teacher = salt.load_teacher(teacher_path, mesh, rules, data.read_manifest(data_dir)['tokenizer_sha256'])
-  model = nnx.merge(teacher.graphdef, teacher.params)
-  stream = data.TokenStream(data_dir, 'train', seq_len)
+  teacher = salt.load_teacher(teacher_path, mesh, sharding.parse_rules(meta['sharding']),
+                              data.read_manifest(data_dir)['tokenizer_sha256'])
+  stream = data.TokenStream(data_dir, 'train', L)
+  records, starts = windows(stream, L)
+  tokens = np.zeros((records.size, L + 1), np.int32)
+  for i, (record, start) in enumerate(zip(records, starts)):
+    piece = stream.record_tokens(record)[start:start + L + 1]
+    tokens[i, :piece.size] = piece
+  lengths = np.array([min(np.diff(stream.offsets)[r] - s, L + 1) - 1 for r, s in zip(records, starts)])
+
+  @jax.jit
+  def all_logits(params, tokens, positions):
+    model = nnx.merge(teacher.graphdef, params)
+    h = model(tokens, positions, jnp.ones_like(tokens))
+    return h.astype(jnp.float32) @ model.unembedding().astype(jnp.float32)
+
+  logits = np.asarray(all_logits(teacher.params, tokens[:, :-1], np.arange(L)[None] + starts[:, None]), np.float64)
   per_record = {}
-  for record, start in zip(*windows(stream, seq_len)):
-    tokens = stream.record_tokens(record)[start:start + seq_len + 1].astype(np.int32)
-    n = tokens.size - 1
-    h = model(jnp.asarray(tokens[None, :-1]), jnp.arange(n)[None] + start, jnp.ones((1, n), jnp.int32))
-    logits = np.asarray((h[0].astype(jnp.float32) @ model.unembedding().astype(jnp.float32)), np.float64)
-    targets = tokens[1:]
-    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
-        logits.max(-1, keepdims=True)
-    loss = -log_p[np.arange(n), targets]
-    in_top_k = logits[np.arange(n), targets] >= np.sort(logits, -1)[:, -top_k]
-    per_record.setdefault(record, []).extend(loss[in_top_k])
+  for i, record in enumerate(records):
+    z, y = logits[i, :lengths[i]], tokens[i, 1:lengths[i] + 1]
+    log_p = z - z.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    in_top_k = z[np.arange(y.size), y] >= np.sort(z, -1)[:, -top_k]
+    per_record.setdefault(record, []).extend(-log_p[np.arange(y.size), y][in_top_k])
   return np.array([np.median(per_record[r]) if per_record.get(r) else np.nan for r in range(len(stream.records))])
 
 

@@ -244,6 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
                                else program.train_step(state, batch))
       else:
         if teacher:
+          jax.block_until_ready(state)  # the last stage-1 step has read the teacher
           salt.free(teacher)
           teacher = distillation_step = None
           log.info('step %d: stage 2, the teacher\'s arrays are freed', step_index)

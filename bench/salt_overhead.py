@@ -1,0 +1,81 @@
+"""Step time of stage 1 (student + teacher forward + distillation loss) over stage 2 (student alone).
+
+    python -m bench.salt_overhead [--student configs/demo.py] [--teacher configs/demo.py:slm] [--steps 10]
+
+Both models start from random parameters (the step's cost does not depend on their
+values) and read random tokens. The goal: stage-1 overhead <= the teacher's share of
+the FLOPs (its forward pass over the student's training FLOPs) + 3%.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bench.step import random_batch
+from trainer import config as config_lib
+from trainer import salt, sharding, step, train
+from trainer.config import mesh_shape
+from trainer.model import ModelConfig, Transformer, flops_per_token
+
+
+def random_teacher(config, mesh, rules) -> salt.Teacher:
+  cfg = ModelConfig(**config.model)
+  graphdef, abstract = step.abstract_model(cfg)
+  logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract))
+  shardings = sharding.tree_shardings(abstract, logical, mesh, rules)
+
+  def init(key):
+    with nnx.use_eager_sharding(False):
+      params = nnx.split(Transformer(cfg, nnx.Rngs(key)))[1]
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+
+  params = jax.jit(init, out_shardings=shardings)(jax.random.key(1))
+  return salt.Teacher(graphdef=graphdef, params=params, config=config.to_dict(), path='random')
+
+
+def time_steps(fn, state, args, steps):
+  state, metrics = fn(state, *args)  # compile
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = fn(state, *args)
+  jax.block_until_ready(metrics)
+  return state, (time.perf_counter() - start) / steps
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--student', default='configs/demo.py')
+  parser.add_argument('--teacher', default='configs/demo.py:slm')
+  parser.add_argument('--steps', type=int, default=10)
+  args = parser.parse_args()
+  student = config_lib.load(args.student, ['--config.salt.n_kd=1000000', '--config.total_steps=1000000'])
+  teacher_config = config_lib.load(args.teacher)
+  config_lib.validate(student, jax.device_count())
+  mesh = sharding.make_mesh(mesh_shape(student.mesh, jax.device_count()))
+  rules = sharding.parse_rules(student.sharding)
+  s_cfg, t_cfg = ModelConfig(**student.model), ModelConfig(**teacher_config.model)
+  program = train.build(student, mesh, np.ones(s_cfg.vocab_size, np.int32))
+  teacher = random_teacher(teacher_config, mesh, rules)
+  batch = sharding.host_batch_to_global(
+      random_batch(student.data.global_batch_size, student.data.seq_len, s_cfg.vocab_size), program.batch_sharding)
+  state = program.init(0)
+  state, stage2_s = time_steps(program.train_step, state, (batch,), args.steps)
+  state, stage1_s = time_steps(program.distillation_step(teacher), state, (batch, teacher.params), args.steps)
+  seq_len = student.data.seq_len
+  teacher_share = flops_per_token(t_cfg, seq_len) / 3 / flops_per_token(s_cfg, seq_len)
+  print(json.dumps({
+      'student': args.student, 'teacher': args.teacher, 'device': jax.devices()[0].device_kind,
+      'stage1_step_s': round(stage1_s, 4), 'stage2_step_s': round(stage2_s, 4),
+      'overhead': round(stage1_s / stage2_s - 1, 4), 'teacher_flops_share': round(teacher_share, 4),
+      'goal': round(teacher_share + 0.03, 4),
+  }))
+
+
+if __name__ == '__main__':
+  main()
