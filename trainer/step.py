@@ -152,9 +152,12 @@ def make_eval_step(graphdef: nnx.GraphDef, vocab_chunk: int, token_bytes: jax.Ar
   return eval_step
 
 
+BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'weights')
+
+
 def jit_steps(train_step, eval_step, shardings: TrainState, batch_sharding, mesh: Mesh) -> tuple[Any, Any]:
   """Both steps under jit with explicit shardings; the train state is donated."""
-  batch_shardings = {k: batch_sharding for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
+  batch_shardings = dict.fromkeys(BATCH_KEYS, batch_sharding)
   replicated = sharding.replicated(mesh)
   train = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                   out_shardings=(shardings, replicated), donate_argnums=0)
@@ -164,6 +167,6 @@ def jit_steps(train_step, eval_step, shardings: TrainState, batch_sharding, mesh
 
 def jit_distillation_step(train_step, shardings: TrainState, batch_sharding, teacher_shardings, mesh: Mesh):
   """The stage-1 step under jit: the teacher's parameters are an input, never donated."""
-  batch_shardings = {k: batch_sharding for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
+  batch_shardings = dict.fromkeys(BATCH_KEYS, batch_sharding)
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings, teacher_shardings),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -187,6 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
   resolved = config.to_dict()
   resolved['data'].update(path=str(data_dir), tokenizer_sha256=manifest['tokenizer_sha256'])
   fingerprint = data_fingerprint(config, manifest, selection)
+  written_by = versions()
   checkpoints = checkpoint.Checkpoints(
       workdir / 'checkpoints', every_steps=config.checkpoint.every_steps,
       max_to_keep=config.checkpoint.max_to_keep, keep_every_steps=config.checkpoint.keep_every_steps,
@@ -204,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
     kept = {'records': len(selection), 'of': manifest['splits']['train']['records'],
             'ids_sha256': fingerprint['selection_sha256']} if selection is not None else None
     (workdir / 'config.json').write_text(
-        json.dumps({'config': resolved, 'selection': kept, 'versions': versions()}, indent=2))
+        json.dumps({'config': resolved, 'selection': kept, 'versions': written_by}, indent=2))
   seq_len, global_batch = config.data.seq_len, config.data.global_batch_size
   flops = flops_per_token(model_cfg, seq_len)
   log.info('model: %.1fM parameters, %.3g training FLOPs/token; mesh %s on %d %s device(s)',
@@ -268,7 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
                        f'{"step " + str(max(good)) if good else "none"}; lower optim.lr or set '
                        '--config.nonfinite=skip to skip such batches')
       if saving:
-        meta = {'config': resolved, 'versions': versions(), 'data': {'step': done, 'fingerprint': fingerprint}}
+        meta = {'config': resolved, 'versions': written_by, 'data': {'step': done, 'fingerprint': fingerprint}}
         checkpoints.save(done, state, meta, force=stopping)
       if logging_now:
         last = {**mean_metrics(pending), 'stage': 1 if done <= n_kd else 2}
