@@ -1,7 +1,6 @@
 """Checkpoints and preemption: killed runs resume bit for bit, on any mesh, never from a
 half-written or unreadable checkpoint unless the user allows the fallback."""
 
-import json
 import random
 import shutil
 import signal

@@ -11,7 +11,7 @@ from flax import nnx
 
 from tests.conftest import tiny_config
 from tests.runs import logged
-from trainer import data, salt, sharding, train
+from trainer import data, salt, sharding, step, train
 from trainer.config import mesh_shape
 from trainer.errors import UserError
 from trainer.score import score, windows
@@ -75,7 +75,7 @@ def test_the_stage_two_program_has_no_teacher_and_the_teacher_is_freed(tiny_data
   state = program.abstract_state
   batch = {k: jax.ShapeDtypeStruct((8, 32), jnp.float32 if k == 'weights' else jnp.int32,
                                    sharding=program.batch_sharding)
-           for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
+           for k in step.BATCH_KEYS}
   stage1 = program.distillation_step(teacher).lower(state, batch, teacher.params).compile()
   stage2 = program.train_step.lower(state, batch).compile()
   teacher_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(teacher.params))

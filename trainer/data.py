@@ -61,16 +61,17 @@ class TokenStream:
     # Worker processes open their own readers.
     return {**self.__dict__, '_source': None}
 
-  def record_tokens(self, k: int) -> np.ndarray:
-    """The tokens of the stream's k-th record."""
+  def _reader(self) -> grain.sources.ArrayRecordDataSource:
     if self._source is None:
       self._source = grain.sources.ArrayRecordDataSource(self.paths)
-    return np.frombuffer(self._source.__getitems__([int(self.records[k])])[0], self.dtype)
+    return self._source
+
+  def record_tokens(self, k: int) -> np.ndarray:
+    """The tokens of the stream's k-th record."""
+    return np.frombuffer(self._reader().__getitems__([int(self.records[k])])[0], self.dtype)
 
   def row(self, r: int) -> dict[str, np.ndarray]:
     """Tokens, segment ids and positions of row r, each [S]."""
-    if self._source is None:
-      self._source = grain.sources.ArrayRecordDataSource(self.paths)
     tokens = np.zeros(self.row_len, np.int32)
     segments = np.zeros(self.row_len, np.int32)
     positions = np.zeros(self.row_len, np.int32)
@@ -82,7 +83,7 @@ class TokenStream:
     last = int(np.searchsorted(self.offsets, hi, side='left'))
     ids = self.records[first:last]
     at, segment, previous = 0, 0, None
-    for k, raw in zip(range(first, last), self._source.__getitems__(ids.tolist())):
+    for k, raw in zip(range(first, last), self._reader().__getitems__(ids.tolist())):
       record = self.records[k]
       begin, end = max(lo - self.offsets[k], 0), min(hi - self.offsets[k], self.offsets[k + 1] - self.offsets[k])
       piece = np.frombuffer(raw, self.dtype)[begin:end]
