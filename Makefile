@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml
 		exit 1; fi
 	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,demo]'
 	@touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/salt train --config configs/demo.py --workdir $(WORKDIR)
+	$(VENV)/bin/salt demo --workdir $(WORKDIR)
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest

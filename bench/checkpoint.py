@@ -18,8 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bench.step import random_batch
-from trainer import checkpoint, sharding, train
+from trainer import checkpoint, dryrun, sharding, train
 from trainer import config as config_lib
 from trainer.config import mesh_shape
 from trainer.model import ModelConfig, param_count
@@ -50,7 +49,8 @@ def main():
   program = train.build(config, mesh, np.ones(model_cfg.vocab_size, np.int32))
   state = program.init(0)
   batch = sharding.host_batch_to_global(
-      random_batch(config.data.global_batch_size, config.data.seq_len, model_cfg.vocab_size), program.batch_sharding)
+      dryrun.random_batch(config.data.global_batch_size, config.data.seq_len, model_cfg.vocab_size, seed=0),
+      program.batch_sharding)
   state, _ = timed_steps(program, state, batch, 1)  # compile
   state, step_s = timed_steps(program, state, batch, args.steps)
 

@@ -12,30 +12,12 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from bench.step import random_batch
 from trainer import config as config_lib
-from trainer import salt, sharding, step, train
+from trainer import dryrun, sharding, train
 from trainer.config import mesh_shape
-from trainer.model import ModelConfig, Transformer, flops_per_token
-
-
-def random_teacher(config, mesh, rules) -> salt.Teacher:
-  cfg = ModelConfig(**config.model)
-  graphdef, abstract = step.abstract_model(cfg)
-  logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract))
-  shardings = sharding.tree_shardings(abstract, logical, mesh, rules)
-
-  def init(key):
-    with nnx.use_eager_sharding(False):
-      params = nnx.split(Transformer(cfg, nnx.Rngs(key)))[1]
-    return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-
-  params = jax.jit(init, out_shardings=shardings)(jax.random.key(1))
-  return salt.Teacher(graphdef=graphdef, params=params, config=config.to_dict(), path='random')
+from trainer.model import ModelConfig, flops_per_token
 
 
 def time_steps(fn, state, args, steps):
@@ -61,9 +43,10 @@ def main():
   rules = sharding.parse_rules(student.sharding)
   s_cfg, t_cfg = ModelConfig(**student.model), ModelConfig(**teacher_config.model)
   program = train.build(student, mesh, np.ones(s_cfg.vocab_size, np.int32))
-  teacher = random_teacher(teacher_config, mesh, rules)
+  teacher = dryrun.random_teacher(dryrun.abstract_teacher(t_cfg, mesh, rules), seed=1)
   batch = sharding.host_batch_to_global(
-      random_batch(student.data.global_batch_size, student.data.seq_len, s_cfg.vocab_size), program.batch_sharding)
+      dryrun.random_batch(student.data.global_batch_size, student.data.seq_len, s_cfg.vocab_size, seed=0),
+      program.batch_sharding)
   state = program.init(0)
   state, stage2_s = time_steps(program.train_step, state, (batch,), args.steps)
   state, stage1_s = time_steps(program.distillation_step(teacher), state, (batch, teacher.params), args.steps)

@@ -14,19 +14,10 @@ import jax
 import numpy as np
 
 from trainer import config as config_lib
-from trainer import sharding, train
+from trainer import dryrun, sharding, train
 from trainer.config import mesh_shape
 from trainer.metrics import peak_flops
 from trainer.model import ModelConfig, flops_per_token, param_count
-
-
-def random_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, vocab, (rows, seq_len + 1), dtype=np.int32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
-          'segment_ids': np.ones((rows, seq_len), np.int32),
-          'weights': np.ones((rows, seq_len), np.float32)}
 
 
 def main():
@@ -41,7 +32,8 @@ def main():
   program = train.build(config, mesh, np.ones(model_cfg.vocab_size, np.int32))
   state = program.init(config.seed)
   rows, seq_len = config.data.global_batch_size // jax.process_count(), config.data.seq_len
-  batch = sharding.host_batch_to_global(random_batch(rows, seq_len, model_cfg.vocab_size), program.batch_sharding)
+  batch = sharding.host_batch_to_global(dryrun.random_batch(rows, seq_len, model_cfg.vocab_size, seed=0),
+                                        program.batch_sharding)
 
   start = time.perf_counter()
   state, metrics = program.train_step(state, batch)

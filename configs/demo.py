@@ -1,23 +1,27 @@
-"""A tiny Llama-style model on the embedded Shakespeare corpus; trains on a laptop CPU.
+"""The demo: a tiny Llama-style student, its small teacher (SLM) and SALT, on a laptop CPU.
 
-    salt train --config configs/demo.py --workdir runs/demo
+    salt demo --workdir runs/demo          (what `make demo` runs: all of the below, and a report)
 
-`make demo` runs exactly this. With no `data.path` the corpus is downloaded once and
-prepared with a 2048-token sentencepiece vocabulary; three whole plays are held out.
+    salt train --config configs/demo.py:slm --workdir runs/demo/slm
+    salt score --teacher runs/demo/slm/checkpoints/300 --data DATA --every 4 --output runs/demo/scores.npy
+    salt train --config configs/demo.py --workdir runs/demo/baseline
+    salt train --config configs/demo.py:salt --workdir runs/demo/salt
 
-    salt train --config configs/demo.py:slm --workdir runs/slm
-
-trains the small model (SLM) of the same tokenizer, the teacher for SALT's stage 1.
+With no `data.path` the embedded Shakespeare corpus is downloaded once and prepared
+with a 2048-token sentencepiece vocabulary (DATA: ~/.cache/salt/shakespeare/
+prepared-f1-v2048); three whole plays are held out for validation.
 """
 
 from trainer.config import defaults
 
+SLM_STEPS = 300
+
 
 def get_config(arg=None):
-  if arg not in (None, 'slm'):
-    raise ValueError(f"configs/demo.py takes no argument or 'slm', got {arg!r}")
+  if arg not in (None, 'slm', 'salt'):
+    raise ValueError(f"configs/demo.py takes no argument, 'slm' or 'salt', got {arg!r}")
   c = defaults()
-  c.total_steps = 450
+  c.total_steps = 240
   c.model.update(
       vocab_size=2048,
       d_model=256,
@@ -32,8 +36,14 @@ def get_config(arg=None):
   c.data.update(seq_len=256, global_batch_size=8)
   c.optim.update(lr=2e-3, warmup_steps=30, weight_decay=0.1)
   c.loss.vocab_chunk = 1024
-  c.eval.update(every_steps=150, batches=16)
+  c.eval.update(every_steps=20, batches=8)
   c.log.every_steps = 20
   if arg == 'slm':
+    # Smaller than the student (a fifth of the parameters, a quarter of the step time).
+    c.total_steps = SLM_STEPS
     c.model.update(d_model=128, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=384)
+    c.eval.every_steps = 100
+  if arg == 'salt':
+    c.salt.update(teacher=f'runs/demo/slm/checkpoints/{SLM_STEPS}', n_kd=80, weight=0.5, schedule='constant')
+    c.data.selection.scores = 'runs/demo/scores.npy'
   return c

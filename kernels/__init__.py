@@ -1,5 +1,6 @@
 """Loss kernels of salt. Nothing here imports `trainer`."""
 
-from kernels.reference import TokenLosses, target_in_top_k, token_losses
+from kernels.losses import IMPLS, token_losses
+from kernels.reference import TokenLosses, ce_and_rank
 
-__all__ = ['TokenLosses', 'target_in_top_k', 'token_losses']
+__all__ = ['IMPLS', 'TokenLosses', 'ce_and_rank', 'token_losses']

@@ -147,26 +147,39 @@ def token_losses(
   )
 
 
-def target_in_top_k(h_TxD: jax.Array, w_DxV: jax.Array, targets_T: jax.Array, k: int, *,
-                    chunk: int = 8192) -> jax.Array:
-  """Whether each target's logit is among the k largest, [T] bool (ties count as in).
+def ce_and_rank(h_TxD: jax.Array, w_DxV: jax.Array, targets_T: jax.Array, *,
+                chunk: int = 8192) -> tuple[jax.Array, jax.Array]:
+  """Each target's cross-entropy, float32 [T], and rank: how many other tokens have a larger logit, int32 [T].
 
-  One scan keeps the running top k of the logits and the target's logit, both read from
-  the same chunk products, so the target is never compared with a recomputed copy of itself.
+  Two scans over the vocabulary, no sort: the first reads each target's logit from the
+  chunk products and keeps the online log-sum-exp, the second counts the larger
+  logits. The target's own column is left out of the count, so it is never compared
+  with a recomputed copy of itself; ties rank in its favour. The target is in the top
+  k exactly when its rank is below k.
   """
   T = h_TxD.shape[0]
   V = w_DxV.shape[1]
   C = min(chunk, V)
+  xs = (_chunked(w_DxV, h_TxD.dtype, C), jnp.arange(-(-V // C)) * C)
 
-  def step(carry, xs):
-    top_TxK, target_T = carry
-    w_DxC, start = xs
+  def products(w_DxC, start):
     z_TxC = jnp.dot(h_TxD, w_DxC, preferred_element_type=jnp.float32)
     columns_C = start + jnp.arange(C)
-    z_TxC = jnp.where(columns_C < V, z_TxC, -jnp.inf)
-    target_T = target_T + jnp.where(columns_C == targets_T[:, None], z_TxC, 0.0).sum(-1)
-    return (jax.lax.top_k(jnp.concatenate([top_TxK, z_TxC], -1), k)[0], target_T), None
+    return jnp.where(columns_C < V, z_TxC, -jnp.inf), columns_C
 
-  init = (jnp.full((T, k), -jnp.inf), jnp.zeros((T,), jnp.float32))
-  (top_TxK, target_T), _ = jax.lax.scan(step, init, (_chunked(w_DxV, h_TxD.dtype, C), jnp.arange(-(-V // C)) * C))
-  return target_T >= top_TxK[:, -1]
+  def target_step(carry, xs):
+    max_T, sum_T, target_T = carry
+    z_TxC, columns_C = products(*xs)
+    max_T, sum_T = _online_lse(max_T, sum_T, z_TxC)
+    return (max_T, sum_T, target_T + jnp.where(columns_C == targets_T[:, None], z_TxC, 0.0).sum(-1)), None
+
+  init = (jnp.full((T,), _LOW, jnp.float32), jnp.zeros((T,), jnp.float32), jnp.zeros((T,), jnp.float32))
+  (max_T, sum_T, target_T), _ = jax.lax.scan(target_step, init, xs)
+
+  def count_step(count_T, xs):
+    z_TxC, columns_C = products(*xs)
+    larger = (z_TxC > target_T[:, None]) & (columns_C != targets_T[:, None])
+    return count_T + larger.sum(-1, dtype=jnp.int32), None
+
+  rank_T, _ = jax.lax.scan(count_step, jnp.zeros((T,), jnp.int32), xs)
+  return max_T + jnp.log(sum_T) - target_T, rank_T

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import target_in_top_k, token_losses
+from kernels import ce_and_rank, token_losses
 
 
 def full_logits_losses(h_s, w_s, targets, teacher=None, tau=1.0, top_k=0):
@@ -121,9 +121,13 @@ def test_never_materialises_the_full_logits():
   assert compiled.memory_analysis().temp_size_in_bytes < T * V * 4 / 4
 
 
-def test_target_in_top_k_matches_a_sort_of_the_full_logits():
+def test_ce_and_rank_match_the_full_logits():
   h, w, t, _ = inputs(50, 8, 200)
   z = np.asarray(h @ w)
-  want = z[np.arange(50), t] >= np.sort(z, -1)[:, -10]
-  np.testing.assert_array_equal(target_in_top_k(h, w, t, 10, chunk=64), want)
-  assert 0 < want.sum() < 50  # both outcomes occur
+  target = z[np.arange(50), t]
+  ce, rank = ce_and_rank(h, w, t, chunk=64)  # 200 columns: the last chunk is padded
+  np.testing.assert_allclose(ce, full_logits_losses(h, w, t)[0], rtol=1e-5)
+  np.testing.assert_array_equal(rank, (z > target[:, None]).sum(-1))
+  in_top_10 = target >= np.sort(z, -1)[:, -10]
+  np.testing.assert_array_equal(rank < 10, in_top_10)
+  assert 0 < in_top_10.sum() < 50  # both outcomes occur

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from trainer.model import ModelConfig, Transformer, param_count, rotary
+from trainer.model import ModelConfig, Transformer, param_count, rope_frequencies, rotary
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
                   dtype='float32')
@@ -64,9 +64,10 @@ def test_param_count_counts_every_parameter():
 def test_rotary_preserves_norm_and_encodes_relative_position():
   q = jax.random.normal(jax.random.key(4), (1, 1, 1, 8))
   k = jax.random.normal(jax.random.key(5), (1, 1, 1, 8))
+  freq = rope_frequencies(CFG)
 
   def score(pq, pk):
-    return float((rotary(q, jnp.array([[pq]]), 1e4) * rotary(k, jnp.array([[pk]]), 1e4)).sum())
+    return float((rotary(q, jnp.array([[pq]]), freq) * rotary(k, jnp.array([[pk]]), freq)).sum())
 
-  np.testing.assert_allclose(jnp.linalg.norm(rotary(q, jnp.array([[7]]), 1e4)), jnp.linalg.norm(q), rtol=1e-6)
+  np.testing.assert_allclose(jnp.linalg.norm(rotary(q, jnp.array([[7]]), freq)), jnp.linalg.norm(q), rtol=1e-6)
   np.testing.assert_allclose(score(3, 1), score(12, 10), rtol=1e-5)

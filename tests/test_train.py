@@ -13,6 +13,7 @@ from trainer.train import train
 def test_loss_falls_and_the_run_directory_holds_metrics_and_events(tiny_data, tmp_path):
   config = tiny_config(tiny_data)
   config.mesh.update(data=2, fsdp=2, tensor=2)
+  config.checkpoint.every_steps = 15
   final = train(config, tmp_path)
 
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
@@ -26,6 +27,9 @@ def test_loss_falls_and_the_run_directory_holds_metrics_and_events(tiny_data, tm
   assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
   written = json.loads((tmp_path / 'config.json').read_text())
   assert written['config']['total_steps'] == 40 and 'jax' in written['versions']
+  # Every 15 steps, and the last step whatever the interval.
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [15, 30, 40]
+  assert records[-1]['train_seconds'] > records[0]['train_seconds'] > 0
 
 
 def test_a_tokenizer_of_another_size_is_a_clear_error(tiny_data, tmp_path):

@@ -1,4 +1,4 @@
-"""The `salt` command: `salt train`, `salt prepare`."""
+"""The `salt` command: train, demo, prepare, score, import-teacher, dryrun, launch."""
 
 import argparse
 import logging
@@ -12,9 +12,19 @@ log = logging.getLogger('salt')
 
 def _train(args, overrides):
   from trainer import config as config_lib
+  from trainer import distributed
   from trainer.train import train
 
-  train(config_lib.load(args.config, overrides), Path(args.workdir), resume=args.resume)
+  distributed.initialize()
+  train(config_lib.load(args.config, overrides), args.workdir, resume=args.resume)
+
+
+def _demo(args, overrides):
+  from trainer import demo
+
+  if overrides:
+    raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
+  demo.run(Path(args.workdir))
 
 
 def _prepare(args, overrides):
@@ -36,17 +46,42 @@ def _prepare(args, overrides):
 
 
 def _score(args, overrides):
-  from trainer.score import score
+  from trainer import distributed
+  from trainer.score import describe, score
 
   if overrides:
     raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
-  summary = score(args.teacher, Path(args.data), top_k=args.top_k, batch_size=args.batch,
+  distributed.initialize()
+  summary = score(args.teacher, Path(args.data), top_k=args.top_k, batch_size=args.batch, every=args.every,
                   output=Path(args.output) if args.output else None)
-  log.info('scored %d of %d records; %d have no token in the top %d and will never be selected',
-           summary['scored'], summary['records'], summary['unscored'], summary['top_k'])
+  log.info(describe(summary))
+
+
+def _import_teacher(args, overrides):
+  from trainer.hf_import import import_teacher
+
+  if overrides:
+    raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
+  summary = import_teacher(Path(args.model), Path(args.output), tokenizer=args.tokenizer)
+  log.info('imported %s into %s\n  prepare the student\'s data: salt prepare ... --tokenizer %s\n'
+           '  then train with: --config.salt.teacher=%s --config.model.vocab_size=%d',
+           args.model, summary['checkpoint'], summary['tokenizer'], summary['checkpoint'],
+           summary['config']['model']['vocab_size'])
+
+
+def _dryrun(args, overrides):
+  from trainer import config as config_lib
+  from trainer import distributed, dryrun
+
+  distributed.initialize()
+  dryrun.run(config_lib.load(args.config, overrides), steps=args.steps, topology=args.topology,
+             workdir=Path(args.workdir) if args.workdir else None, teacher_spec=args.teacher_config)
 
 
 def parser() -> argparse.ArgumentParser:
+  from launch import local as launch_local
+  from launch import tpu as launch_tpu
+
   p = argparse.ArgumentParser(prog='salt', description=__doc__)
   sub = p.add_subparsers(dest='command', required=True)
 
@@ -61,6 +96,10 @@ def parser() -> argparse.ArgumentParser:
       'auto: continue from the latest readable checkpoint in WORKDIR (the default); never: start '
       'fresh; PATH: continue from that checkpoint (RUN/checkpoints/STEP) and no other'))
   train.set_defaults(run=_train)
+
+  dm = sub.add_parser('demo', help='the whole SALT method on the embedded corpus, with a report (make demo)')
+  dm.add_argument('--workdir', default='runs/demo', help='where the runs, scores and report go')
+  dm.set_defaults(run=_demo)
 
   prep = sub.add_parser('prepare', help='tokenize raw text into ArrayRecord shards')
   prep.add_argument('inputs', nargs='+', help='.txt, .jsonl or .parquet files or globs (training split)')
@@ -82,8 +121,36 @@ def parser() -> argparse.ArgumentParser:
   sc.add_argument('--data', required=True, help='a directory written by salt prepare')
   sc.add_argument('--top-k', type=int, default=10, help='a token counts as learnable if it is in the top k')
   sc.add_argument('--batch', type=int, help="windows per batch (default: the teacher run's global batch)")
+  sc.add_argument('--every', type=int, default=1,
+                  help='score every n-th record only; the others are never selected (default: all)')
   sc.add_argument('--output', help='where to write the scores (default: DATA/scores.npy)')
   sc.set_defaults(run=_score)
+
+  dr = sub.add_parser(
+      'dryrun', help='compile the train step for these devices, check it fits, run a few steps and a checkpoint',
+      usage='salt dryrun --config FILE[:ARG] [--config.KEY=VALUE ...] [--steps N] [--topology TYPE] '
+            '[--workdir DIR] [--teacher-config FILE[:ARG]]')
+  dr.add_argument('--config', required=True, help='a config file, optionally :ARG for get_config')
+  dr.add_argument('--steps', type=int, default=3, help='timed steps per stage, after one warm-up step')
+  dr.add_argument('--topology', help='compile for a Cloud TPU type such as v5p-128 instead (needs libtpu), '
+                  'run nothing; --config.mesh.dcn_data=N makes it N slices')
+  dr.add_argument('--workdir', help='where the test checkpoint goes (default: a temporary directory)')
+  dr.add_argument('--teacher-config', help="the teacher's config when salt.teacher is not trained yet: "
+                  'stage 1 then runs with a random teacher of that size')
+  dr.set_defaults(run=_dryrun)
+
+  la = sub.add_parser('launch', help='run salt on a Cloud TPU pod, or as several processes on this machine')
+  where = la.add_subparsers(dest='where', required=True)
+  launch_tpu.add_parser(where)
+  launch_local.add_parser(where)
+
+  imp = sub.add_parser('import-teacher', help='a Llama-architecture Hugging Face model (safetensors) as a salt '
+                       'teacher checkpoint')
+  imp.add_argument('model', metavar='DIR', help='the model directory: config.json, *.safetensors, tokenizer.model')
+  imp.add_argument('output', metavar='OUT', help='a new directory: checkpoints/0, config.json, tokenizer.model')
+  imp.add_argument('--tokenizer', metavar='PATH', help='a sentencepiece model of the same vocabulary, '
+                   'for a model directory without tokenizer.model')
+  imp.set_defaults(run=_import_teacher)
   return p
 
 
@@ -93,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
   log.setLevel(logging.INFO)
   args, rest = parser().parse_known_args(argv)
   try:
-    args.run(args, rest)
+    code = args.run(args, rest)  # the launchers return their workers' exit code
   except UserError as e:
     print(f'salt: error: {e}', file=sys.stderr)
     return 2
   except Preempted as e:
     print(f'salt: {e}', file=sys.stderr)
     return PREEMPTED_EXIT_CODE
-  return 0
+  return code or 0
 
 
 if __name__ == '__main__':

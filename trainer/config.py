@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from kernels import IMPLS
 from trainer.errors import UserError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -22,6 +23,7 @@ REMAT_POLICIES = ('none', 'full', 'dots')
 DECAY_SCHEDULES = ('cosine', 'linear')
 DTYPES = ('float32', 'bfloat16')
 KD_SCHEDULES = ('constant', 'linear', 'linear_ratio')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -39,6 +41,13 @@ def defaults() -> ml_collections.ConfigDict:
       head_dim=64,
       d_ff=1408,
       rope_theta=10000.0,
+      # Rotary frequencies rescaled as Hugging Face's rope_scaling (models imported with
+      # `salt import-teacher`): one of ROPE_SCALINGS; the last three are llama3's.
+      rope_scaling='none',
+      rope_scaling_factor=1.0,
+      rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0,
+      rope_original_max_positions=8192,
       norm_eps=1e-5,
       tie_embeddings=False,
       init_std=0.02,
@@ -56,7 +65,11 @@ def defaults() -> ml_collections.ConfigDict:
       tokenizer_sha256='',
       selection=dict(
           scores='',  # a .npy of one float per training record (NaN: unscored); '' = no selection
-          rule='top',  # 'top': the keep_fraction highest scores; 'band': ranks in [band_low, band_high)
+          # 'top': the keep_fraction highest scores; 'band': ranks in [band_low, band_high).
+          # The default keeps the top half, as SALT_DS does: a high score is a high loss
+          # on tokens the SLM ranks in its top k, i.e. hard yet learnable text; noise the
+          # SLM cannot predict at all scores nothing and is never kept.
+          rule='top',
           keep_fraction=0.5,
           band_low=0.0,
           band_high=1.0,
@@ -73,7 +86,12 @@ def defaults() -> ml_collections.ConfigDict:
       weight_decay=0.1,
       clip_norm=1.0,
   )
-  c.loss = dict(vocab_chunk=8192)
+  c.loss = dict(
+      impl='auto',  # one of kernels.IMPLS: xla (chunked reference), pallas (fused kernels), auto
+      vocab_chunk=8192,  # the reference's vocabulary chunk
+      block_tokens=0,  # the Pallas kernels' block, tokens x vocabulary columns (0: the kernels' default)
+      block_vocab=0,
+  )
   # Stage 1 is steps [0, salt.n_kd): it distills from `teacher` when one is set and
   # reads only the records data.selection keeps when scores are given. Stage 2 is
   # plain next-token training on all the data.
@@ -86,8 +104,10 @@ def defaults() -> ml_collections.ConfigDict:
       tau_squared=False,  # scale KD by tau**2, keeping its gradient's size as tau changes
       teacher_top_k=0,  # keep the teacher's top k tokens, renormalised (0: all)
   )
-  # Mesh axis sizes; -1 takes the devices the other axes leave.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Mesh axis sizes; -1 takes the devices the other axes leave. dcn_data: how many
+  # slices (TPU multi-slice, joined over the data-centre network) the data axis spans;
+  # `data` is the whole axis, so each slice holds data / dcn_data of it.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1)
   # Logical axis -> comma-separated mesh axes ('' = replicated).
   c.sharding = dict(
       batch='data,fsdp',
@@ -242,6 +262,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _require(m.n_heads % m.n_kv_heads == 0,
            f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
   _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} must be even for rotary embeddings')
+  _require(m.rope_scaling in ROPE_SCALINGS, f'model.rope_scaling={m.rope_scaling!r} must be one of {ROPE_SCALINGS}')
+  _require(m.rope_scaling_factor > 0, f'model.rope_scaling_factor={m.rope_scaling_factor} must be positive')
+  _require(m.rope_scaling != 'llama3' or 0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+           f'model.rope_low_freq_factor={m.rope_low_freq_factor} and model.rope_high_freq_factor='
+           f'{m.rope_high_freq_factor} must satisfy 0 < low < high')
   _require(0 <= o.warmup_steps < config.total_steps,
            f'optim.warmup_steps={o.warmup_steps} must be in [0, total_steps={config.total_steps})')
   _require(config.nonfinite in ('stop', 'skip'), f"nonfinite={config.nonfinite!r} must be 'stop' or 'skip'")
@@ -249,7 +274,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _require(ck.every_steps > 0, f'checkpoint.every_steps={ck.every_steps} must be positive')
   _require(ck.max_to_keep > 0, f'checkpoint.max_to_keep={ck.max_to_keep} must be positive')
   _require(ck.keep_every_steps >= 0, f'checkpoint.keep_every_steps={ck.keep_every_steps} must be >= 0')
-  _require(config.loss.vocab_chunk > 0, f'loss.vocab_chunk={config.loss.vocab_chunk} must be positive')
+  ls = config.loss
+  _require(ls.impl in IMPLS, f'loss.impl={ls.impl!r} must be one of {IMPLS}')
+  _require(ls.vocab_chunk > 0, f'loss.vocab_chunk={ls.vocab_chunk} must be positive')
+  for key in ('block_tokens', 'block_vocab'):
+    _require(ls[key] >= 0 and not ls[key] & (ls[key] - 1),
+             f'loss.{key}={ls[key]} must be a power of two (or 0 for the kernels\' default)')
   _require(d.seq_len > 0, f'data.seq_len={d.seq_len} must be positive')
   _require(d.workers >= 0, f'data.workers={d.workers} must be >= 0')
   sel, kd = d.selection, config.salt
@@ -272,6 +302,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
       _require(axis in MESH_AXES,
                f'sharding.{logical}={axes!r} names mesh axis {axis!r}; mesh axes are {MESH_AXES}')
   sizes = mesh_shape(config.mesh, device_count)
+  _require(config.mesh.dcn_data > 0 and sizes['data'] % config.mesh.dcn_data == 0,
+           f'mesh.dcn_data={config.mesh.dcn_data} must be positive and divide the data axis ({sizes["data"]})')
   batch_axes = [a for a in config.sharding.batch.split(',') if a]
   shards = math.prod(sizes[a] for a in batch_axes)
   _require(

@@ -66,9 +66,9 @@ class TokenStream:
       self._source = grain.sources.ArrayRecordDataSource(self.paths)
     return self._source
 
-  def record_tokens(self, k: int) -> np.ndarray:
-    """The tokens of the stream's k-th record."""
-    return np.frombuffer(self._reader().__getitems__([int(self.records[k])])[0], self.dtype)
+  def record_tokens(self, ks: list[int]) -> list[np.ndarray]:
+    """The tokens of the stream's records ks, read together."""
+    return [np.frombuffer(raw, self.dtype) for raw in self._reader().__getitems__([int(self.records[k]) for k in ks])]
 
   def row(self, r: int) -> dict[str, np.ndarray]:
     """Tokens, segment ids and positions of row r, each [S]."""

@@ -7,10 +7,10 @@ loop never asks which process it is on.
 import json
 import math
 import time
-from pathlib import Path
 
 import jax
 import tqdm
+from etils import epath
 from tensorboardX import SummaryWriter
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets. Matched against
@@ -41,50 +41,78 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 class MetricWriter:
-  """metrics.jsonl (one object per logged step) and TensorBoard events under a directory."""
+  """metrics.jsonl (one object per logged step) and TensorBoard events under a directory.
 
-  def __init__(self, workdir: Path, enabled: bool):
+  A local metrics.jsonl is appended to. Object stores (gs://) cannot append, so there
+  the file is rewritten whole at each write; it holds one short line per logged step.
+  """
+
+  def __init__(self, workdir: epath.PathLike, enabled: bool):
     self.enabled = enabled
-    if enabled:
-      self.jsonl = open(Path(workdir) / 'metrics.jsonl', 'a')
-      self.tensorboard = SummaryWriter(str(Path(workdir) / 'tensorboard'))
+    if not enabled:
+      return
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self.remote = '://' in str(workdir)
+    if self.remote:
+      self.lines = self.path.read_text().splitlines() if self.path.exists() else []
+    else:
+      self.jsonl = self.path.open('a')
+    self.tensorboard = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
-    self.jsonl.flush()
+    line = json.dumps({'step': step, **metrics})
+    if self.remote:
+      self.lines.append(line)
+      self.path.write_text('\n'.join(self.lines) + '\n')
+    else:
+      self.jsonl.write(line + '\n')
+      self.jsonl.flush()
     for name, value in metrics.items():
       self.tensorboard.add_scalar(name, value, step)
 
   def close(self) -> None:
     if self.enabled:
-      self.jsonl.close()
+      if not self.remote:
+        self.jsonl.close()
       self.tensorboard.close()
 
 
 class Throughput:
-  """Tokens/s and MFU over the steps since the last call."""
+  """Tokens/s and MFU over the steps since the last call, and the training seconds so far.
 
-  def __init__(self, flops_per_token: float, tokens_per_step: int, devices: list[jax.Device]):
+  `train_seconds` counts wall-clock time in the training loop, across resumes
+  (`seconds` carries the interrupted run's), and leaves out the time between a call
+  and the next `restart` (evaluation).
+  """
+
+  def __init__(self, flops_per_token: float, tokens_per_step: int, devices: list[jax.Device],
+               seconds: float = 0.0):
     peak = peak_flops(devices[0])
     self.flops_per_step = flops_per_token * tokens_per_step
     self.tokens_per_step = tokens_per_step
     self.peak = peak * len(devices) if peak else None
+    self.seconds = seconds
     self.last_time, self.last_step = time.perf_counter(), None
 
   def restart(self, step: int) -> None:
     """Starts the next interval now, so time spent outside training steps is not counted."""
     self.last_time, self.last_step = time.perf_counter(), step
 
+  def elapsed(self) -> float:
+    return self.seconds + time.perf_counter() - self.last_time
+
   def __call__(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     last_step, self.last_step = self.last_step, step
-    elapsed, self.last_time = now - self.last_time, now
+    interval, self.last_time = now - self.last_time, now
+    self.seconds += interval
+    out = {'train_seconds': self.seconds}
     if last_step is None or step == last_step:
-      return {}
-    seconds_per_step = elapsed / (step - last_step)
-    out = {'tokens_per_sec': self.tokens_per_step / seconds_per_step, 'step_time': seconds_per_step}
+      return out
+    seconds_per_step = interval / (step - last_step)
+    out.update(tokens_per_sec=self.tokens_per_step / seconds_per_step, step_time=seconds_per_step)
     if self.peak:
       out['mfu'] = self.flops_per_step / seconds_per_step / self.peak
     return out

@@ -32,6 +32,13 @@ class ModelConfig:
   head_dim: int
   d_ff: int
   rope_theta: float = 10000.0
+  # Rotary frequencies rescaled for contexts longer than the model was trained on, as
+  # Hugging Face's `rope_scaling` (see rope_frequencies): 'none', 'linear' or 'llama3'.
+  rope_scaling: str = 'none'
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_positions: int = 8192  # llama3 only
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   init_std: float = 0.02
@@ -54,11 +61,32 @@ def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   return (x * scale_D).astype(x_BxLxD.dtype)
 
 
-def rotary(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotates the two halves of each head (the Llama / Hugging Face convention)."""
-  half = x_BxLxHxE.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxLx1xE2 = (positions_BxL[..., None].astype(jnp.float32) * freq)[:, :, None, :]
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """The [E/2] angular frequencies of the rotary embeddings, rescaled as Hugging Face does.
+
+  'linear' divides every frequency by the factor. 'llama3' (Llama 3.1 and later)
+  keeps the frequencies whose wavelength is below original_max / high_freq_factor,
+  divides those above original_max / low_freq_factor by the factor, and blends the two
+  in between, so that imported models see positions exactly as they were trained to.
+  """
+  half = cfg.head_dim // 2
+  freq_E2 = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if cfg.rope_scaling == 'linear':
+    return freq_E2 / cfg.rope_scaling_factor
+  if cfg.rope_scaling == 'llama3':
+    low, high, factor = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_scaling_factor
+    wavelength_E2 = 2 * jnp.pi / freq_E2
+    smooth_E2 = (cfg.rope_original_max_positions / wavelength_E2 - low) / (high - low)
+    blended_E2 = (1 - smooth_E2) * freq_E2 / factor + smooth_E2 * freq_E2
+    return jnp.where(wavelength_E2 < cfg.rope_original_max_positions / high, freq_E2,
+                     jnp.where(wavelength_E2 > cfg.rope_original_max_positions / low, freq_E2 / factor, blended_E2))
+  return freq_E2
+
+
+def rotary(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, freq_E2: jax.Array) -> jax.Array:
+  """Rotates the two halves of each head (the Llama / Hugging Face convention) by
+  position x the [E/2] frequencies of `rope_frequencies`."""
+  angle_BxLx1xE2 = (positions_BxL[..., None].astype(jnp.float32) * freq_E2)[:, :, None, :]
   sin, cos = jnp.sin(angle_BxLx1xE2), jnp.cos(angle_BxLx1xE2)
   x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -90,8 +118,9 @@ class Block(nnx.Module):
     q = jnp.einsum('bld,dhe->blhe', h, self.wq_DxHxE[...].astype(dtype))
     k = jnp.einsum('bld,dke->blke', h, self.wk_DxKxE[...].astype(dtype))
     v = jnp.einsum('bld,dke->blke', h, self.wv_DxKxE[...].astype(dtype))
-    q = rotary(q, positions_BxL, cfg.rope_theta)
-    k = rotary(k, positions_BxL, cfg.rope_theta)
+    freq_E2 = rope_frequencies(cfg)
+    q = rotary(q, positions_BxL, freq_E2)
+    k = rotary(k, positions_BxL, freq_E2)
     attn_BxLxHxE = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
     x_BxLxD = x_BxLxD + jnp.einsum('blhe,hed->bld', attn_BxLxHxE, self.wo_HxExD[...].astype(dtype))
 

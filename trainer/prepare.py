@@ -208,7 +208,8 @@ def _encode_batches(sp: spm.SentencePieceProcessor, docs: Iterator[str], size: i
 
 def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab_size: int = 32000,
             tokenizer: Path | None = None, txt_split: str = 'file', text_field: str = 'text',
-            text_column: str = 'text', max_record_tokens: int = 2048, workers: int | None = None, progress: bool = False) -> dict:
+            text_column: str = 'text', max_record_tokens: int = 2048, workers: int | None = None,
+            progress: bool = False) -> dict:
   """Tokenizes `train` (and `validation`) inputs into `output`; returns the manifest.
 
   Resumes a directory that an interrupted run left: the tokenizer and every finished

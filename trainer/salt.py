@@ -23,6 +23,7 @@ from trainer import sharding, step
 from trainer.errors import UserError
 from trainer.model import ModelConfig
 
+
 def kd_weight(step_number: jax.Array, *, schedule: str, weight: float, n_kd: int) -> jax.Array:
   """w at a step: `weight` at step 0, 0 from n_kd on.
 

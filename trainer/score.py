@@ -7,6 +7,10 @@ record with no such token has no score (NaN) and is never selected. Records are 
 in windows of the model's sequence length (context restarts at each window); each
 token after a record's first is predicted once.
 
+`every` = n > 1 scores every n-th record only (the others stay NaN, never selected):
+when stage 1 needs far fewer tokens than the corpus holds, a sample is enough to
+select from, for 1/n of the cost.
+
 The job runs on all devices and hosts (each host reads its rows of every global
 batch), shows progress, saves its progress every `SAVE_EVERY` batches and continues
 from there when run again. Output, beside the shards: `scores.npy` (float32, one per
@@ -23,7 +27,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from kernels import target_in_top_k, token_losses
+from kernels import ce_and_rank
 from trainer import data, salt, sharding
 from trainer.config import mesh_shape
 from trainer.errors import UserError
@@ -42,8 +46,8 @@ def windows(stream: data.TokenStream, seq_len: int) -> tuple[np.ndarray, np.ndar
   return records, starts.astype(np.int64)
 
 
-def read_window(stream: data.TokenStream, record: int, start: int, seq_len: int) -> dict[str, np.ndarray]:
-  raw = stream.record_tokens(record)[start:start + seq_len + 1]
+def read_window(record_tokens: np.ndarray, start: int, seq_len: int) -> dict[str, np.ndarray]:
+  raw = record_tokens[start:start + seq_len + 1]
   tokens = np.zeros(seq_len + 1, np.int32)
   tokens[:raw.size] = raw
   valid = np.zeros(seq_len, np.float32)
@@ -58,11 +62,10 @@ def make_score_step(graphdef: nnx.GraphDef, top_k: int, chunk: int):
   def score_step(params, batch):
     model = nnx.merge(graphdef, params)
     h = model(batch['inputs'], batch['positions'], batch['segment_ids'])
-    h_TxD, targets_T = h.reshape(-1, h.shape[-1]), batch['targets'].reshape(-1)
-    w = model.unembedding()
-    loss = token_losses(h_TxD, w, targets_T, chunk=chunk).ce.reshape(batch['targets'].shape)
-    learnable = target_in_top_k(h_TxD, w, targets_T, top_k, chunk=chunk).reshape(batch['targets'].shape)
-    return loss, learnable & (batch['weights'] > 0)
+    loss, rank = ce_and_rank(h.reshape(-1, h.shape[-1]), model.unembedding(), batch['targets'].reshape(-1),
+                             chunk=chunk)
+    shape = batch['targets'].shape
+    return loss.reshape(shape), (rank < top_k).reshape(shape) & (batch['weights'] > 0)
 
   return score_step
 
@@ -81,8 +84,11 @@ def median_per_record(records: np.ndarray, losses: np.ndarray, learnable: np.nda
 
 
 def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int | None = None,
-          output: Path | None = None, progress: bool = True) -> dict:
-  """Scores every training record of `data_dir` with the model at `teacher_path`; returns the summary."""
+          every: int = 1, output: Path | None = None, progress: bool = True) -> dict:
+  """Scores the training records of `data_dir` (every `every`-th) with the model at `teacher_path`;
+  returns the summary."""
+  if every < 1:
+    raise UserError(f'--every {every} must be >= 1')
   data_dir = Path(data_dir)
   manifest = read_manifest(data_dir)
   output = Path(output or data_dir / 'scores.npy')
@@ -97,6 +103,8 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
   teacher = salt.load_teacher(teacher_path, mesh, rules, manifest['tokenizer_sha256'])
   stream = data.TokenStream(data_dir, 'train', seq_len)
   records, starts = windows(stream, seq_len)
+  sampled = records % every == 0
+  records, starts = records[sampled], starts[sampled]
   n_batches = -(-records.size // batch_size)
 
   partial = output.with_name(output.name + '.partial.npz')
@@ -105,7 +113,7 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
   first = 0
   if partial.exists():
     saved = np.load(partial)
-    if saved['losses'].shape == losses.shape:
+    if saved['losses'].shape == losses.shape and int(saved.get('every', 1)) == every:
       first = int(saved['done'])
       losses[:first * batch_size], learnable[:first * batch_size] = saved['losses'][:first * batch_size], \
           saved['learnable'][:first * batch_size]
@@ -120,21 +128,26 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
   for b in tqdm.trange(first, n_batches, initial=first, total=n_batches, disable=not progress,
                        unit='batch', desc='scoring'):
     rows = range(b * batch_size + mine, b * batch_size + mine + per_process)
-    host = [read_window(stream, records[i], starts[i], seq_len) if i < records.size else _empty_window(seq_len)
+    # A record's windows are neighbours: read each record of the batch once.
+    needed = sorted({int(records[i]) for i in rows if i < records.size})
+    tokens = dict(zip(needed, stream.record_tokens(needed)))
+    host = [read_window(tokens[records[i]], starts[i], seq_len) if i < records.size else _empty_window(seq_len)
             for i in rows]
     batch = {k: np.stack([w[k] for w in host]) for k in host[0]}
     loss, ok = jax.device_get(step(teacher.params, sharding.host_batch_to_global(batch, batch_sharding)))
     losses[b * batch_size:(b + 1) * batch_size], learnable[b * batch_size:(b + 1) * batch_size] = loss, ok
     if (b + 1) % SAVE_EVERY == 0 and jax.process_index() == 0:
-      _atomic_savez(partial, losses=losses, learnable=learnable, done=b + 1)
+      _atomic_savez(partial, losses=losses, learnable=learnable, done=b + 1, every=every)
 
   window_records = np.repeat(np.pad(records, (0, n_batches * batch_size - records.size), constant_values=-1),
                              seq_len)
   valid = window_records >= 0
   scores = median_per_record(window_records[valid], losses.reshape(-1)[valid], learnable.reshape(-1)[valid],
                              len(stream.records))
-  summary = {'teacher': teacher_path, 'top_k': top_k, 'seq_len': seq_len, 'records': int(scores.size),
-             'scored': int(np.isfinite(scores).sum()), 'unscored': int(np.isnan(scores).sum())}
+  candidates = int(np.ceil(scores.size / every))
+  summary = {'teacher': teacher_path, 'top_k': top_k, 'seq_len': seq_len, 'every': every,
+             'records': int(scores.size), 'sampled': candidates, 'scored': int(np.isfinite(scores).sum()),
+             'unscored': candidates - int(np.isfinite(scores).sum())}
   if jax.process_index() == 0:
     tmp = output.with_name(output.name + '.tmp.npy')
     np.save(tmp, scores)
@@ -143,6 +156,11 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
     partial.unlink(missing_ok=True)
   salt.free(teacher)
   return summary
+
+
+def describe(summary: dict) -> str:
+  return (f'scored {summary["scored"]} of {summary["records"]} records (every {summary["every"]}); '
+          f'{summary["unscored"]} of the sampled have no token in the top {summary["top_k"]} and are never selected')
 
 
 def _empty_window(seq_len: int) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from trainer.config import MESH_AXES
@@ -18,12 +19,29 @@ from trainer.errors import UserError
 Rules = Mapping[str, tuple[str, ...]]
 
 
-def make_mesh(sizes: Mapping[str, int], devices: list[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes MESH_AXES of the given sizes, laid out for the interconnect."""
+def make_mesh(sizes: Mapping[str, int], devices: list[jax.Device] | None = None, dcn_data: int = 1) -> Mesh:
+  """A mesh with axes MESH_AXES of the given sizes, laid out for the interconnect.
+
+  With dcn_data > 1 the data axis spans that many slices (multi-slice TPU pods): each
+  slice holds a contiguous 1/dcn_data of it, so only the data-parallel gradient sum
+  crosses the slow data-centre network. Where the devices all report one slice (CPU and
+  GPU processes), each process counts as a slice.
+  """
   shape = tuple(sizes[axis] for axis in MESH_AXES)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if dcn_data > 1:
+    devices = jax.devices() if devices is None else devices
+    per_slice = (sizes['data'] // dcn_data, *shape[1:])
+    try:
+      grid = mesh_utils.create_hybrid_device_mesh(
+          per_slice, (dcn_data,) + (1,) * (len(shape) - 1), devices,
+          process_is_granule=len({getattr(d, 'slice_index', 0) for d in devices}) == 1)
+    except ValueError as e:
+      raise UserError(f'mesh.dcn_data={dcn_data}: {e}') from None
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
   if devices is None:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def parse_rules(table: Mapping[str, str]) -> Rules:

@@ -17,11 +17,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kernels import token_losses as fused_token_losses
+from kernels import TokenLosses
 from trainer import sharding
 from trainer.model import ModelConfig, Transformer
 
 Batch = dict[str, jax.Array]
+# (h [T, D], unembedding [D, V], targets [T], teacher (h_t, unembedding_t) | None, tau=, teacher_top_k=)
+# -> TokenLosses: kernels.token_losses with the config's implementation and mesh bound.
+LossFn = Callable[..., TokenLosses]
 
 
 @flax.struct.dataclass
@@ -84,11 +87,10 @@ def _hidden(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[ja
   return h_BxLxD.reshape(-1, h_BxLxD.shape[-1]), model.unembedding()
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, vocab_chunk: int) -> jax.Array:
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, losses: LossFn) -> jax.Array:
   """Per-token next-token cross-entropy, [B, L] float32 (padding included; weight it)."""
   h, unembedding = _hidden(graphdef, params, batch)
-  losses = fused_token_losses(h, unembedding, batch['targets'].reshape(-1), chunk=vocab_chunk)
-  return losses.ce.reshape(batch['targets'].shape)
+  return losses(h, unembedding, batch['targets'].reshape(-1)).ce.reshape(batch['targets'].shape)
 
 
 def _weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
@@ -96,7 +98,7 @@ def _weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    vocab_chunk: int, skip_nonfinite: bool = False, distillation: Distillation | None = None):
+                    losses: LossFn, skip_nonfinite: bool = False, distillation: Distillation | None = None):
   """The train step: (state, batch) -> (state, metrics), or (state, batch, teacher_params)
   -> (state, metrics) for stage 1 when `distillation` is given.
 
@@ -108,11 +110,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     h, unembedding = _hidden(graphdef, params, batch)
     targets, weights = batch['targets'].reshape(-1), batch['weights']
     if distillation is None:
-      ce = _weighted_mean(fused_token_losses(h, unembedding, targets, chunk=vocab_chunk).ce, weights)
+      ce = _weighted_mean(losses(h, unembedding, targets).ce, weights)
       return ce, {'ce': ce}
     h_t, unembedding_t = _hidden(distillation.teacher_graphdef, teacher_params, batch)
-    terms = fused_token_losses(h, unembedding, targets, (h_t, unembedding_t), tau=distillation.tau,
-                               teacher_top_k=distillation.teacher_top_k, chunk=vocab_chunk)
+    terms = losses(h, unembedding, targets, (h_t, unembedding_t), tau=distillation.tau,
+                   teacher_top_k=distillation.teacher_top_k)
     w = distillation.weight(step_number)
     kd = terms.kd * distillation.tau ** 2 if distillation.tau_squared else terms.kd
     loss = _weighted_mean((1 - w) * terms.ce + w * kd, weights)
@@ -137,14 +139,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, vocab_chunk: int, token_bytes: jax.Array) -> Callable[[nnx.State, Batch], dict]:
+def make_eval_step(graphdef: nnx.GraphDef, losses: LossFn,
+                   token_bytes: jax.Array) -> Callable[[nnx.State, Batch], dict]:
   """Sums over a batch: loss (nats), tokens, and the UTF-8 bytes those tokens stand for."""
 
   def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
     weights = batch['weights']
-    losses = token_losses(graphdef, params, batch, vocab_chunk)
+    per_token = token_losses(graphdef, params, batch, losses)
     return {
-        'loss_sum': (losses * weights).sum(),
+        'loss_sum': (per_token * weights).sum(),
         'tokens': weights.sum(),
         'bytes': (jnp.asarray(token_bytes)[batch['targets']] * weights).sum(),
     }

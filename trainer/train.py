@@ -12,8 +12,11 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+import kernels
 from trainer import checkpoint, corpus, data, metrics, salt, sharding, step
 from trainer.config import mesh_shape, validate
 from trainer.errors import Diverged, Preempted, UserError
@@ -27,11 +30,17 @@ log = logging.getLogger('salt')
 def default_data_dir(vocab_size: int) -> Path:
   """The embedded Shakespeare corpus, prepared once per vocabulary size."""
   prepared = corpus.cache_dir() / 'shakespeare' / f'prepared-f{FORMAT}-v{vocab_size}'
-  if not (prepared / 'manifest.json').exists():
+  # One process prepares (the others may share its disk) while the rest wait for it.
+  if jax.process_index() == 0 and not (prepared / 'manifest.json').exists():
     log.info('preparing the default corpus (Shakespeare) into %s', prepared)
     train_files, validation_files = corpus.split_files(corpus.shakespeare_texts())
     prepare([str(f) for f in train_files], prepared, validation=[str(f) for f in validation_files],
-            vocab_size=vocab_size, progress=jax.process_index() == 0)
+            vocab_size=vocab_size, progress=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('default corpus prepared')
+    if not (prepared / 'manifest.json').exists():
+      raise UserError(f'{prepared} is not on this host\'s disk: with several hosts, prepare the data on '
+                      'shared storage with `salt prepare` and set data.path')
   return prepared
 
 
@@ -78,6 +87,19 @@ class Program:
   batch_sharding: NamedSharding
 
 
+def make_mesh(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Mesh:
+  """The config's mesh over `devices` (default: every device of the job), DCN data axis included."""
+  count = jax.device_count() if devices is None else len(devices)
+  return sharding.make_mesh(mesh_shape(config.mesh, count), devices, dcn_data=config.mesh.dcn_data)
+
+
+def loss_fn(loss: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules) -> step.LossFn:
+  """The loss kernels as the config sets them: tokens split like the batch, the vocabulary like `vocab`."""
+  return functools.partial(kernels.token_losses, impl=loss.impl, chunk=loss.vocab_chunk,
+                           block_t=loss.block_tokens, block_v=loss.block_vocab, mesh=mesh,
+                           token_axes=rules['batch'], vocab_axes=rules['vocab'])
+
+
 def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray) -> Program:
   """Builds optimizer, shardings and jitted steps from a validated config."""
   rules = sharding.parse_rules(config.sharding)
@@ -89,10 +111,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
   graphdef, abstract_params = step.abstract_model(model_cfg)
   shardings = step.state_shardings(abstract_params, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
+  losses = loss_fn(config.loss, mesh, rules)
   train_step, eval_step = step.jit_steps(
-      step.make_train_step(graphdef, tx, schedule, config.loss.vocab_chunk,
-                           skip_nonfinite=config.nonfinite == 'skip'),
-      step.make_eval_step(graphdef, config.loss.vocab_chunk, token_bytes),
+      step.make_train_step(graphdef, tx, schedule, losses, skip_nonfinite=config.nonfinite == 'skip'),
+      step.make_eval_step(graphdef, losses, token_bytes),
       shardings, batch_sharding, mesh)
 
   def distillation_step(teacher: salt.Teacher) -> Callable:
@@ -100,8 +122,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
     weight = functools.partial(salt.kd_weight, schedule=k.schedule, weight=k.weight, n_kd=k.n_kd)
     distillation = step.Distillation(teacher.graphdef, weight, k.tau, k.tau_squared, k.teacher_top_k)
     return step.jit_distillation_step(
-        step.make_train_step(graphdef, tx, schedule, config.loss.vocab_chunk,
-                             skip_nonfinite=config.nonfinite == 'skip', distillation=distillation),
+        step.make_train_step(graphdef, tx, schedule, losses, skip_nonfinite=config.nonfinite == 'skip',
+                             distillation=distillation),
         shardings, batch_sharding, jax.tree.map(lambda x: x.sharding, teacher.params), mesh)
 
   return Program(init=functools.partial(step.init_state, model_cfg, tx, shardings=shardings),
@@ -160,17 +182,18 @@ def first_nonfinite(pending: list[dict], first_step: int) -> int | None:
   return None
 
 
-def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto') -> dict[str, float]:
+def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: str = 'auto') -> dict[str, float]:
   """Runs `config.total_steps` steps, writing everything under `workdir`; returns the last metrics.
 
-  Resumes from the checkpoints in `workdir` (see `Checkpoints.restore` for `resume`).
+  `workdir` may be local or remote (gs://...). Resumes from the checkpoints in
+  `workdir` (see `Checkpoints.restore` for `resume`).
   Raises Preempted after saving when a stop signal arrives, Diverged when the loss is
   not finite (and nonfinite='stop'), UserError for bad input.
   """
   validate(config, jax.device_count())
-  workdir = Path(workdir)
+  workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(mesh_shape(config.mesh, jax.device_count()))
+  mesh = make_mesh(config)
   model_cfg = ModelConfig(**config.model)
   data_dir = Path(config.data.path) if config.data.path else default_data_dir(model_cfg.vocab_size)
   manifest = read_manifest(data_dir)
@@ -193,8 +216,10 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
       max_to_keep=config.checkpoint.max_to_keep, keep_every_steps=config.checkpoint.keep_every_steps,
       async_save=config.checkpoint.async_save)
   restored = checkpoints.restore(program.abstract_state, resume)
+  train_seconds = 0.0
   if restored:
     state, meta = restored
+    train_seconds = meta.get('train_seconds', 0.0)
     check_resumed_data(meta['data']['fingerprint'], fingerprint, int(state.step))
     log.info('resumed from the checkpoint at step %d', int(state.step))
   else:
@@ -233,7 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
   stage2 = loader(full_stream, first_step=max(first_step - n_kd, 0),
                   num_steps=config.total_steps - max(first_step, n_kd))
   writer = metrics.MetricWriter(workdir, enabled=is_main)
-  throughput = metrics.Throughput(flops, global_batch * seq_len, jax.devices())
+  throughput = metrics.Throughput(flops, global_batch * seq_len, jax.devices(), train_seconds)
   stop = checkpoint.StopSignals()
   bar = metrics.progress_bar(config.total_steps, first_step, enabled=is_main)
   pending, pending_from, last = [], first_step, {}
@@ -269,8 +294,9 @@ def train(config: ml_collections.ConfigDict, workdir: Path, resume: str = 'auto'
                        f'{"step " + str(max(good)) if good else "none"}; lower optim.lr or set '
                        '--config.nonfinite=skip to skip such batches')
       if saving:
-        meta = {'config': resolved, 'versions': written_by, 'data': {'step': done, 'fingerprint': fingerprint}}
-        checkpoints.save(done, state, meta, force=stopping)
+        meta = {'config': resolved, 'versions': written_by, 'train_seconds': throughput.elapsed(),
+                'data': {'step': done, 'fingerprint': fingerprint}}
+        checkpoints.save(done, state, meta)
       if logging_now:
         last = {**mean_metrics(pending), 'stage': 1 if done <= n_kd else 2}
         last.update(throughput(done))

@@ -1,0 +1,170 @@
+"""The Pallas loss kernels (interpret mode on CPU) against the chunked plain-JAX reference.
+
+Tolerances: float32 inputs agree to 2e-5 relative (only the order of the sums differs);
+bfloat16 inputs to 2e-2 (bf16 products, float32 accumulation in both, in other orders).
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kernels import fused, fused_gpu, losses, reference, token_losses
+from kernels import stats as S
+from trainer import sharding
+
+# T and V are not multiples of the blocks below, so every last block overhangs.
+T, D, E, V = 50, 24, 16, 300
+BLOCKS = dict(block_t=16, block_v=128)
+
+
+def inputs(dtype=jnp.float32):
+  k = jax.random.split(jax.random.key(0), 5)
+  h_s = jax.random.normal(k[0], (T, D), dtype)
+  w_s = (jax.random.normal(k[1], (D, V)) * 0.5).astype(dtype)
+  h_t = jax.random.normal(k[2], (T, E), dtype)
+  w_t = (jax.random.normal(k[3], (E, V)) * 0.5).astype(dtype)
+  targets = jax.random.randint(k[4], (T,), 0, V)
+  mask = (jnp.arange(T) % 7 != 3).astype(jnp.float32)  # some tokens masked out
+  return h_s, w_s, targets, (h_t, w_t), mask
+
+
+def mixed_loss(impl, teacher, tau, w, mask, **kw):
+  """sum of (1 - w) CE + w KD over the tokens: what a train step differentiates."""
+
+  def loss(h_s, w_s, targets):
+    terms = token_losses(h_s, w_s, targets, teacher, mask_T=mask, tau=tau, impl=impl, chunk=128, **kw)
+    kd = 0.0 if terms.kd is None else terms.kd
+    return ((1 - w) * terms.ce + w * kd).sum(), terms
+
+  return loss
+
+
+@pytest.mark.parametrize('with_teacher, tau, w', [
+    (False, 1.0, 0.0), (True, 1.0, 0.5), (True, 2.0, 0.5), (True, 0.5, 1.0), (True, 1.0, 0.0)])
+def test_values_and_gradients_equal_the_reference(with_teacher, tau, w):
+  h_s, w_s, targets, teacher, mask = inputs()
+  teacher = teacher if with_teacher else None
+  grad = jax.value_and_grad
+  (got, got_terms), got_grads = grad(mixed_loss('pallas', teacher, tau, w, mask, **BLOCKS), (0, 1), has_aux=True)(
+      h_s, w_s, targets)
+  (want, want_terms), want_grads = grad(mixed_loss('xla', teacher, tau, w, mask), (0, 1), has_aux=True)(
+      h_s, w_s, targets)
+  np.testing.assert_allclose(got, want, rtol=2e-5)
+  for name in want_terms._fields:
+    if getattr(want_terms, name) is not None:
+      np.testing.assert_allclose(getattr(got_terms, name), getattr(want_terms, name), rtol=2e-5, atol=2e-5)
+  assert float(jnp.abs(got_terms.ce * (1 - mask)).max()) == 0.0
+  for g, r in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6)
+
+
+def test_bfloat16_inputs_equal_the_reference_within_bf16_tolerance():
+  h_s, w_s, targets, teacher, mask = inputs(jnp.bfloat16)
+  loss = lambda impl, **kw: jax.value_and_grad(mixed_loss(impl, teacher, 2.0, 0.5, mask, **kw), (0, 1),
+                                               has_aux=True)(h_s, w_s, targets)
+  (got, _), got_grads = loss('pallas', **BLOCKS)
+  (want, _), want_grads = loss('xla')
+  np.testing.assert_allclose(got, want, rtol=2e-2)
+  for g, r in zip(got_grads, want_grads):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize('with_teacher', [False, True])
+def test_vocabulary_split_over_tensor_and_tokens_over_data_fsdp(with_teacher):
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  h_s, w_s, targets, teacher, mask = inputs()
+  h_s, targets, mask = h_s[:48], targets[:48], mask[:48]  # tokens divide over 4 shards
+  teacher = (teacher[0][:48], teacher[1]) if with_teacher else None
+  put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+  sharded = mixed_loss('pallas', teacher, 2.0, 0.5, mask, block_t=8, block_v=64, mesh=mesh,
+                       token_axes=('data', 'fsdp'), vocab_axes=('tensor',))
+  (got, got_terms), got_grads = jax.jit(jax.value_and_grad(sharded, (0, 1), has_aux=True))(
+      put(h_s, ('data', 'fsdp'), None), put(w_s, 'fsdp', 'tensor'), targets)
+  (want, want_terms), want_grads = jax.value_and_grad(mixed_loss('xla', teacher, 2.0, 0.5, mask), (0, 1),
+                                                      has_aux=True)(h_s, w_s, targets)
+  np.testing.assert_allclose(got, want, rtol=2e-5)
+  for name in want_terms._fields:
+    if getattr(want_terms, name) is not None:
+      np.testing.assert_allclose(getattr(got_terms, name), getattr(want_terms, name), rtol=2e-5, atol=2e-5)
+  for g, r in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6)
+
+
+def test_auto_falls_back_to_the_reference_for_teacher_top_k_and_says_so(monkeypatch, caplog):
+  h_s, w_s, targets, teacher, _ = inputs()
+  monkeypatch.setattr(losses.jax, 'default_backend', lambda: 'tpu')  # where auto would pick pallas
+  with caplog.at_level(logging.INFO, logger='salt'):
+    got = token_losses(h_s, w_s, targets, teacher, teacher_top_k=5, impl='auto', chunk=128)
+  assert 'do not truncate the teacher (salt.teacher_top_k > 0)' in caplog.text
+  want = token_losses(h_s, w_s, targets, teacher, teacher_top_k=5, impl='xla', chunk=128)
+  np.testing.assert_array_equal(got.kd, want.kd)
+  with pytest.raises(ValueError, match='impl=pallas: the Pallas kernels do not truncate the teacher'):
+    token_losses(h_s, w_s, targets, teacher, teacher_top_k=5, impl='pallas')
+  assert 'multiples of 16, got (24, 16)' in losses.unsupported('gpu', 0, (24, 16))
+
+
+@pytest.mark.parametrize('with_teacher', [False, True])
+def test_the_gpu_kernels_equal_the_reference_in_interpret_mode(with_teacher):
+  """The Triton-shaped kernels: statistics, and gradients for arbitrary cotangents."""
+  h_s, w_s, targets, teacher, _ = inputs()
+  h_s = jnp.concatenate([h_s, h_s[:, :8]], axis=1)  # a width that is a multiple of 16
+  w_s = jnp.concatenate([w_s, w_s[:8]], axis=0)
+  teacher = teacher if with_teacher else None
+  stats = fused_gpu.partial_stats(h_s, w_s, targets, teacher, tau=2.0, interpret=True, **BLOCKS)
+  want = reference.token_losses(h_s, w_s, targets, teacher, tau=2.0, chunk=128)
+  for got, expected in zip(S.losses(stats), want):
+    if expected is not None:
+      np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+  g_ce, g_kd = jnp.linspace(0.0, 1.0, T), (jnp.linspace(1.0, 0.0, T) if with_teacher else None)
+  coef = S.backward_coefficients(stats, g_ce, g_kd, 2.0)
+  got = fused_gpu.gradients(h_s, w_s, targets, teacher, coef, tau=2.0, interpret=True, **BLOCKS)
+
+  def weighted(h_s, w_s):
+    terms = reference.token_losses(h_s, w_s, targets, teacher, tau=2.0, chunk=128)
+    return (g_ce * terms.ce).sum() + (0.0 if teacher is None else (g_kd * terms.kd).sum())
+
+  for g, r in zip(got, jax.grad(weighted, (0, 1))(h_s, w_s)):
+    np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6)
+
+
+def test_the_gpu_kernels_lower_to_triton_for_an_h100():
+  """Lowered for an abstract H100 without a GPU; Triton compiles the IR on the device."""
+  from jax._src.mesh import AbstractDevice  # the public API takes it but does not export it
+
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  t, d, e, v = 512, 256, 128, 1024
+  args = (shape(t, d), shape(d, v), shape(t, dtype=jnp.int32), (shape(t, e), shape(e, v)))
+  kw = dict(tau=2.0, block_t=64, block_v=128, interpret=False)
+
+  def forward_and_backward(h_s, w_s, targets, teacher, coef):
+    return (fused_gpu.partial_stats(h_s, w_s, targets, teacher, **kw),
+            fused_gpu.gradients(h_s, w_s, targets, teacher, coef, **kw))
+
+  h100 = AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', num_cores=132, platform='cuda')
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h100)):
+    lowered = jax.jit(forward_and_backward).trace(*args, shape(t, 5, dtype=jnp.float32)).lower(
+        lowering_platforms=('cuda',))
+  assert lowered.as_text().count('__gpu$xla.gpu.triton') == 2
+
+
+@pytest.mark.parametrize('with_teacher', [False, True])
+def test_kernels_lower_for_mosaic_tpu(with_teacher):
+  """The TPU lowering runs here without a TPU (jax.export); Mosaic compiles it on the device."""
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  t, d, e, v = 512, 256, 128, 1000
+  teacher = (shape(t, e), shape(e, v)) if with_teacher else None
+  kw = dict(tau=2.0, block_t=256, block_v=512, backend='tpu')
+
+  def forward_and_backward(h_s, w_s, targets, teacher, coef):
+    return (fused.partial_stats(h_s, w_s, targets, teacher, **kw),
+            fused.gradients(h_s, w_s, targets, teacher, coef, **kw))
+
+  exported = jax.export.export(jax.jit(forward_and_backward), platforms=['tpu'])(
+      shape(t, d), shape(d, v), shape(t, dtype=jnp.int32), teacher, shape(t, 5, dtype=jnp.float32))
+  assert exported.mlir_module().count('tpu_custom_call') == 3

@@ -1,0 +1,365 @@
+"""`salt dryrun`: the production train step on this machine before anyone spends pod hours.
+
+    salt dryrun --config configs/paper.py:llm [--config.KEY=VALUE ...] [--steps 3] [--workdir DIR]
+    salt dryrun --config configs/paper.py:llm --topology v5p-128        (compile only; needs libtpu)
+
+1. Compiles, on abstract shapes (nothing allocated), the train step for the config's mesh
+   on this machine's devices, and stage 1's distillation step too when SALT is on.
+2. Prints parameters; per-device memory of each compiled program (arguments, temporaries,
+   outputs, generated code); XLA's FLOPs and the model's (flops_per_token x tokens); and
+   the best MFU the compiled FLOPs allow, where the device's peak is known.
+3. Stops with a UserError if the train state (checked before compiling) or a compiled
+   program needs more memory than a device has.
+4. Runs a few steps of each stage on random tokens (a step's cost does not depend on
+   them), saves a checkpoint, restores it, checks the restored state equals the saved
+   one bit for bit, and reports step time, tokens/s and MFU.
+
+The teacher of stage 1 is the checkpoint salt.teacher names when it exists; before the
+small model is trained, --teacher-config gives its config, and a random teacher of that
+size stands in.
+"""
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from trainer import checkpoint, salt, sharding, step, train
+from trainer import config as config_lib
+from trainer.errors import UserError
+from trainer.metrics import peak_flops
+from trainer.model import ModelConfig, flops_per_token, param_count
+
+GiB = 2 ** 30
+
+# Cloud TPU generations by accelerator-type prefix: libtpu's topology name prefix, the
+# dimensions of its torus, devices per chip (v4 and v5p pair two cores as one device,
+# and their type counts cores), and HBM per device in GiB.
+TPU_GENERATIONS = {
+    'v4': ('v4', 3, 2, 32),
+    'v5p': ('v5', 3, 2, 95),
+    'v5litepod': ('v5e', 2, 1, 16),
+    'v6e': ('v6e', 2, 1, 32),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where the step is compiled for: this machine's devices, or a TPU slice that is not here."""
+  devices: list
+  hbm_bytes: int | None  # per device, known for a TPU type; None: ask the device
+  name: str
+
+
+def local_target() -> Target:
+  return Target(devices=jax.devices(), hbm_bytes=None, name=f'{jax.device_count()} x {jax.devices()[0].device_kind}')
+
+
+def topology_target(accelerator_type: str, slices: int) -> Target:
+  """Compile-only devices of `slices` Cloud TPU slices of a type such as v5p-128."""
+  generation, _, count = accelerator_type.partition('-')
+  if generation not in TPU_GENERATIONS or not count.isdigit():
+    raise UserError(f'--topology {accelerator_type!r}: use a Cloud TPU type such as v5p-128, v4-64, '
+                    f'v5litepod-16 or v6e-256 (generations {", ".join(TPU_GENERATIONS)})')
+  prefix, dims, cores_per_chip, hbm_gib = TPU_GENERATIONS[generation]
+  chips = int(count) // cores_per_chip
+  shape = _torus(chips, dims)
+  if shape is None:
+    raise UserError(f'--topology {accelerator_type}: {chips} chips is not a power of two that fills a slice')
+  from jax.experimental import topologies
+
+  try:
+    topology = topologies.get_topology_desc(
+        topology_name=f'{prefix}:{"x".join(map(str, shape))}', platform='tpu',
+        chip_config_name='megacore' if cores_per_chip == 2 else 'default',
+        chips_per_host_bounds=(2, 2, 1), num_slices=slices,
+        # Slices with full rings close them into a torus: 4x4x4 and up for v4/v5p, 16-wide for v5e/v6e.
+        wrap=tuple(d >= 4 and dims == 3 or d >= 16 for d in shape) + (False,) * (3 - dims))
+  except (RuntimeError, NotImplementedError) as e:
+    raise UserError(f'--topology {accelerator_type}: this jax cannot compile for a TPU it does not have '
+                    f'({str(e).splitlines()[0]}); install libtpu here (pip install "jax[tpu]==0.11.2", '
+                    "salt's tpu extra) or dry-run on a TPU VM") from None
+  return Target(devices=list(topology.devices), hbm_bytes=hbm_gib * GiB,
+                name=f'{slices} x {accelerator_type} ({len(topology.devices)} devices)')
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...] | None:
+  """The chip grid of a slice: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ... (or 2x2, 2x4, 4x4, ...)."""
+  if chips < 1 or chips & (chips - 1):
+    return None
+  if dims == 3 and chips == 4:
+    return (2, 2, 1)
+  shape = [2] * dims if chips >= 2 ** dims else [1] * dims
+  axis = dims - 1
+  while math.prod(shape) < chips:
+    shape[axis] *= 2
+    axis = (axis - 1) % dims
+  return tuple(shape)
+
+
+def device_memory(target: Target) -> tuple[int | None, str]:
+  """Bytes one device can hold, and what that figure is."""
+  if target.hbm_bytes:
+    return target.hbm_bytes, 'HBM per device'
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if stats.get('bytes_limit'):
+    return stats['bytes_limit'], f'{device.device_kind} memory limit (memory_stats bytes_limit)'
+  if device.platform == 'cpu':
+    available = _host_available()
+    if available:
+      return available // jax.local_device_count(), (f"the host's available memory "
+                                                      f'({available / GiB:.1f} GiB) over {jax.local_device_count()} '
+                                                      'CPU devices')
+  return None, 'unknown'
+
+
+def _host_available() -> int | None:
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (ValueError, OSError):
+    return None
+
+
+def needed_bytes(memory) -> int:
+  """Per-device bytes of a compiled program: its live arguments and outputs (donated
+  inputs counted once), temporaries and code."""
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+          + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+
+
+def state_bytes(tree) -> int:
+  """Per-device bytes of a tree of sharded abstract arrays (the largest shard of each)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def size(n: float) -> str:
+  for unit, scale in (('GiB', GiB), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+    if n >= scale:
+      return f'{n / scale:.2f} {unit}'
+  return f'{n:.0f} B'
+
+
+def check_fits(what: str, need: int, limit: int | None, source: str, remedy: str) -> None:
+  if limit and need > limit:
+    raise UserError(f'{what} needs {size(need)} per device, more than the {size(limit)} of {source}: it will '
+                    f'not fit; {remedy}')
+
+
+def teacher_config(config: ml_collections.ConfigDict, teacher_spec: str | None) -> tuple[ModelConfig, bool] | None:
+  """Stage 1's teacher: its model config and whether its checkpoint is here to load."""
+  if not config.salt.teacher:
+    return None
+  path = config.salt.teacher
+  if (epath.Path(path) / 'meta').is_dir():
+    return ModelConfig(**salt.teacher_metadata(path)['config']['model']), True
+  if teacher_spec:
+    return ModelConfig(**config_lib.load(teacher_spec).model), False
+  raise UserError(f'salt.teacher={path!r} is not a checkpoint here; give --teacher-config FILE[:ARG] '
+                  '(e.g. configs/paper.py:slm) to dry-run stage 1 with a random teacher of that size')
+
+
+def abstract_teacher(cfg: ModelConfig, mesh, rules) -> salt.Teacher:
+  """The teacher's structure and bfloat16 parameter shapes in `mesh`, as salt.load_teacher places them."""
+  graphdef, abstract_params = step.abstract_model(cfg)
+  logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract_params))
+  shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s),
+                        abstract_params, shardings)
+  return salt.Teacher(graphdef=graphdef, params=params, config={}, path='')
+
+
+def random_teacher(abstract: salt.Teacher, seed: int) -> salt.Teacher:
+  """Random parameters in the teacher's shapes and shards: a stage-1 step costs the same whatever
+  they are, and host-side numbers need no compiled initialiser."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(x):
+    host = (rng.standard_normal(x.shape, np.float32) * 0.02).astype(jnp.bfloat16)
+    return jax.make_array_from_callback(x.shape, x.sharding, lambda index: host[index])
+
+  return dataclasses.replace(abstract, params=jax.tree.map(leaf, abstract.params), path='random')
+
+
+def random_batch(rows: int, seq_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (rows, seq_len + 1), dtype=np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
+          'segment_ids': np.ones((rows, seq_len), np.int32), 'weights': np.ones((rows, seq_len), np.float32)}
+
+
+def run(config: ml_collections.ConfigDict, *, steps: int = 3, topology: str | None = None,
+        workdir: Path | None = None, teacher_spec: str | None = None) -> dict:
+  """The dry run; prints its report on process 0 and returns its figures."""
+  if steps < 1:
+    raise UserError(f'--steps {steps} must be at least 1')
+  if workdir is None and jax.process_count() > 1:
+    raise UserError('a dry run over several processes needs --workdir on storage they all see')
+  # A multi-slice pod is mesh.dcn_data slices of the type.
+  target = topology_target(topology, config.mesh.dcn_data) if topology else local_target()
+  config_lib.validate(config, len(target.devices))
+  say = print if jax.process_index() == 0 else (lambda *_: None)
+  model_cfg = ModelConfig(**config.model)
+  mesh = train.make_mesh(config, target.devices if topology else None)
+  program = train.build(config, mesh, np.ones(model_cfg.vocab_size, np.int32))
+  tokens = config.data.global_batch_size * config.data.seq_len
+  found = teacher_config(config, teacher_spec)
+  teacher = abstract_teacher(found[0], mesh, sharding.parse_rules(config.sharding)) if found else None
+  limit, limit_source = device_memory(target)
+  say(f'devices: {target.name}; mesh {dict(mesh.shape)}; memory per device: '
+      f'{size(limit) + ", " if limit else ""}{limit_source}')
+  say(f'model: {param_count(model_cfg) / 1e6:,.1f}M parameters; {config.data.global_batch_size} x '
+      f'{config.data.seq_len} = {tokens:,} tokens per step')
+  if found:
+    say(f'teacher: {param_count(found[0]) / 1e6:,.1f}M parameters, '
+        f'{"from " + config.salt.teacher if found[1] else "random (its checkpoint is not here)"}')
+  # Before compiling (minutes, for a big program): the state alone must fit.
+  check_fits('the train state (parameters, optimizer moments' + (', teacher)' if teacher else ')'),
+             state_bytes(program.abstract_state) + (state_bytes(teacher.params) if teacher else 0),
+             limit, limit_source, 'shard it over more devices (--config.mesh.fsdp) or use a smaller model')
+
+  compiled = compile_stages(config, program, teacher)
+  figures = {'params': param_count(model_cfg), 'device_bytes': limit,
+             'model_flops_per_step': flops_per_token(model_cfg, config.data.seq_len) * tokens,
+             'stages': {name: report_compiled(name, executable, config, target.devices, say)
+                        for name, executable in compiled.items()}}
+  for name, stage in figures['stages'].items():
+    check_fits(name, stage['need_bytes'], limit, limit_source,
+               'shard over more devices (--config.mesh.fsdp), recompute activations (--config.model.remat=full) '
+               'or lower data.global_batch_size')
+  if topology:
+    say(f'compiled for {target.name}; no steps run: those devices are not here')
+    return figures
+
+  state = program.init(config.seed)
+  if teacher:
+    teacher = (salt.load_teacher(config.salt.teacher, mesh, sharding.parse_rules(config.sharding),
+                                 salt.teacher_metadata(config.salt.teacher)['config']['data']['tokenizer_sha256'])
+               if found[1] else random_teacher(teacher, config.seed + 1))
+  host = random_batch(config.data.global_batch_size // jax.process_count(), config.data.seq_len,
+                      model_cfg.vocab_size, seed=jax.process_index())
+  batch = sharding.host_batch_to_global(host, program.batch_sharding)
+  for name, executable in compiled.items():
+    extra = (teacher.params,) if name.startswith('stage 1') else ()
+    state, timing = time_steps(executable, state, batch, extra, steps)
+    stage = figures['stages'][name]
+    stage.update(timing, **throughput(timing['step_seconds'], figures['model_flops_per_step'], tokens,
+                                      target.devices))
+    mfu = 'n/a (peak unknown)' if stage['mfu'] is None else f'{stage["mfu"]:.1%}'
+    say(f'{name}: {steps + 1} steps, loss {stage["loss"]:.3f}; step {stage["step_seconds"] * 1e3:.1f} ms, '
+        f'{stage["tokens_per_sec"]:,.0f} tokens/s, MFU {mfu}')
+  if teacher:
+    salt.free(teacher)
+  figures['restored_step'] = save_and_restore(state, program.abstract_state, config, workdir, say)
+  return figures
+
+
+def compile_stages(config: ml_collections.ConfigDict, program: train.Program,
+                   teacher: salt.Teacher | None) -> dict[str, jax.stages.Compiled]:
+  """The train step (stage 2, when SALT is on) and stage 1's distillation step, compiled on abstract shapes."""
+  batch = {k: jax.ShapeDtypeStruct((config.data.global_batch_size, config.data.seq_len),
+                                   jnp.float32 if k == 'weights' else jnp.int32, sharding=program.batch_sharding)
+           for k in step.BATCH_KEYS}
+  compiled = {}
+  if teacher:
+    compiled['stage 1 (distillation)'] = program.distillation_step(teacher).lower(
+        program.abstract_state, batch, teacher.params).compile()
+  if not teacher or config.salt.n_kd < config.total_steps:
+    compiled['stage 2' if teacher else 'train step'] = program.train_step.lower(
+        program.abstract_state, batch).compile()
+  return compiled
+
+
+def report_compiled(name: str, executable: jax.stages.Compiled, config: ml_collections.ConfigDict,
+                    devices: list, say) -> dict:
+  """Prints a compiled step's memory and FLOPs; returns them."""
+  n_devices = len(devices)
+  memory = executable.memory_analysis()
+  need = needed_bytes(memory)
+  say(f'{name}: {size(need)} per device = arguments {size(memory.argument_size_in_bytes)} + temporaries '
+      f'{size(memory.temp_size_in_bytes)} + outputs {size(memory.output_size_in_bytes)} - donated '
+      f'{size(memory.alias_size_in_bytes)} + generated code {size(memory.generated_code_size_in_bytes)}')
+  cost = executable.cost_analysis()
+  xla_flops = cost.get('flops') if isinstance(cost, dict) else None
+  model_cfg = ModelConfig(**config.model)
+  model_flops = flops_per_token(model_cfg, config.data.seq_len) * config.data.global_batch_size * config.data.seq_len
+  say(f'{name}: FLOPs per step: model {model_flops:.3g} ({flops_per_token(model_cfg, config.data.seq_len):.3g} '
+      f'per token); ' + (f'XLA {xla_flops:.3g} per device, {xla_flops * n_devices:.3g} on {n_devices} devices'
+                         if xla_flops else 'XLA gives no count here'))
+  peak = peak_flops(devices[0])
+  if peak and xla_flops:
+    bound = model_flops / (xla_flops * n_devices)
+    say(f'{name}: predicted MFU at most {bound:.1%} (model FLOPs / compiled FLOPs; a step takes at least '
+        f'{xla_flops / peak * 1e3:.2f} ms at the peak {peak / 1e12:.0f} TFLOP/s)' if bound <= 1 else
+        f'{name}: predicted MFU n/a (XLA counts fewer FLOPs than the model: it counts the body of a loop, '
+        'such as the scan over layers, once)')
+  return {'need_bytes': need, 'xla_flops_per_device': xla_flops}
+
+
+def time_steps(executable, state, batch, extra: tuple, steps: int) -> tuple[step.TrainState, dict]:
+  """One warm-up step (buffers allocated, caches warm), then `steps` timed ones."""
+  state, metrics = executable(state, batch, *extra)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = executable(state, batch, *extra)
+  loss = float(jax.device_get(metrics['loss']))
+  return state, {'step_seconds': (time.perf_counter() - start) / steps, 'loss': loss}
+
+
+def throughput(step_seconds: float, model_flops: float, tokens: int, devices: list) -> dict:
+  peak = peak_flops(devices[0])
+  return {'tokens_per_sec': tokens / step_seconds,
+          'mfu': model_flops / step_seconds / (peak * len(devices)) if peak else None}
+
+
+def save_and_restore(state: step.TrainState, abstract_state, config: ml_collections.ConfigDict,
+                     workdir: Path | None, say) -> int:
+  """Saves `state`, restores it and checks every array came back bit for bit; returns the step."""
+  scratch = None if workdir else Path(tempfile.mkdtemp(prefix='salt-dryrun-'))
+  directory = epath.Path(workdir or scratch) / 'checkpoints'
+  if directory.exists() and any(p.name.isdigit() for p in directory.iterdir()):
+    raise UserError(f'{directory} holds checkpoints; give the dry run a --workdir of its own')
+  saved_step = int(state.step)
+  checkpoints = checkpoint.Checkpoints(directory, every_steps=1, max_to_keep=1)
+  try:
+    checkpoints.save(saved_step, state, {'dryrun': True, 'config': config.to_dict()})
+    checkpoints.wait()
+    restored, _ = checkpoints.restore(abstract_state, 'auto')
+  finally:
+    checkpoints.close()
+    if scratch:
+      shutil.rmtree(scratch, ignore_errors=True)
+  differing = [jax.tree_util.keystr(path) for (path, saved), back in
+               zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(restored)) if not _same(saved, back)]
+  if differing or int(restored.step) != saved_step:
+    raise UserError(f'the checkpoint restored other values than were saved: {", ".join(differing[:5]) or "step"}')
+  say(f'checkpoint: saved step {saved_step} to {directory}, restored it: bitwise equal '
+      f'({len(jax.tree.leaves(state))} arrays)')
+  return saved_step
+
+
+def _same(a: jax.Array, b: jax.Array) -> bool:
+  """Bitwise equality of this process's shards (every process checks its own)."""
+  return a.dtype == b.dtype and a.shape == b.shape and all(
+      np.asarray(x.data).tobytes() == np.asarray(y.data).tobytes()
+      for x, y in zip(sorted(a.addressable_shards, key=lambda s: s.device.id),
+                      sorted(b.addressable_shards, key=lambda s: s.device.id)))
