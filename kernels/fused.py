@@ -101,32 +101,26 @@ def _block_dz(i, j, T, V, tau, targets_ref, coef_ref, hs_ref, ws_ref, ht_ref, wt
   return _dz(z, u, _columns(j, bV), targets_ref[...], coef_ref[...], tau, cols_ok, rows_ok)
 
 
-def _dh_kernel(T, V, tau, with_teacher, targets_ref, coef_ref, hs_ref, ws_ref, *rest):
-  ht_ref, wt_ref, dh_ref = rest if with_teacher else (None, None, *rest)
-  i, j = pl.program_id(0), pl.program_id(1)
+def _gradient_kernel(T, V, tau, with_teacher, wrt, targets_ref, coef_ref, hs_ref, ws_ref, *rest):
+  """Accumulates dh over vocabulary blocks (wrt='h', grid (token, vocab)) or dW over token
+  blocks (wrt='w', grid (vocab, token)) into the output block."""
+  ht_ref, wt_ref, out_ref = rest if with_teacher else (None, None, *rest)
+  first, second = pl.program_id(0), pl.program_id(1)
+  i, j = (first, second) if wrt == 'h' else (second, first)
 
-  @pl.when(j == 0)
+  @pl.when(second == 0)
   def _():
-    dh_ref[...] = jnp.zeros_like(dh_ref)
+    out_ref[...] = jnp.zeros_like(out_ref)
 
   dz = _block_dz(i, j, T, V, tau, targets_ref, coef_ref, hs_ref, ws_ref, ht_ref, wt_ref)
-  w = jnp.where(_valid(j, ws_ref.shape[1], V, 1, ws_ref.shape), ws_ref[...], 0)
-  dh_ref[...] += jax.lax.dot_general(dz.astype(w.dtype), w, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-
-
-def _dw_kernel(T, V, tau, with_teacher, targets_ref, coef_ref, hs_ref, ws_ref, *rest):
-  ht_ref, wt_ref, dw_ref = rest if with_teacher else (None, None, *rest)
-  j, i = pl.program_id(0), pl.program_id(1)
-
-  @pl.when(i == 0)
-  def _():
-    dw_ref[...] = jnp.zeros_like(dw_ref)
-
-  dz = _block_dz(i, j, T, V, tau, targets_ref, coef_ref, hs_ref, ws_ref, ht_ref, wt_ref)
-  h = jnp.where(_valid(i, hs_ref.shape[0], T, 0, hs_ref.shape), hs_ref[...], 0)
-  dw_ref[...] += jax.lax.dot_general(h, dz.astype(h.dtype), (((0,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
+  if wrt == 'h':
+    w = jnp.where(_valid(j, ws_ref.shape[1], V, 1, ws_ref.shape), ws_ref[...], 0)
+    out_ref[...] += jax.lax.dot_general(dz.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+  else:
+    h = jnp.where(_valid(i, hs_ref.shape[0], T, 0, hs_ref.shape), hs_ref[...], 0)
+    out_ref[...] += jax.lax.dot_general(h, dz.astype(h.dtype), (((0,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
 
 
 def _specs(token_major: bool, bT: int, bV: int, D: int, E: int | None):
@@ -173,13 +167,13 @@ def gradients(h_s, w_s, targets, teacher, coef, *, tau: float, block_t: int, blo
 
   specs, tok, _ = _specs(True, bT, bV, D, E)
   dh = pl.pallas_call(
-      functools.partial(_dh_kernel, *kernel_args), grid=(pl.cdiv(T, bT), pl.cdiv(V, bV)),
+      functools.partial(_gradient_kernel, *kernel_args, 'h'), grid=(pl.cdiv(T, bT), pl.cdiv(V, bV)),
       in_specs=with_coef(specs, tok), out_specs=pl.BlockSpec((bT, D), tok),
       out_shape=jax.ShapeDtypeStruct((T, D), jnp.float32),
       **_platform_params(backend, ('parallel', 'arbitrary')))(*args)
   specs, tok, voc = _specs(False, bT, bV, D, E)
   dw = pl.pallas_call(
-      functools.partial(_dw_kernel, *kernel_args), grid=(pl.cdiv(V, bV), pl.cdiv(T, bT)),
+      functools.partial(_gradient_kernel, *kernel_args, 'w'), grid=(pl.cdiv(V, bV), pl.cdiv(T, bT)),
       in_specs=with_coef(specs, tok), out_specs=pl.BlockSpec((D, bV), voc),
       out_shape=jax.ShapeDtypeStruct((D, V), jnp.float32),
       **_platform_params(backend, ('parallel', 'arbitrary')))(*args)

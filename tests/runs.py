@@ -11,6 +11,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+def write_config(path, data_dir, steps: int, **checkpoint) -> str:
+  """A config file for `salt train` subprocesses: the tiny model for `steps` steps, every step
+  logged, evaluation off, `checkpoint` settings applied; returns its path."""
+  path.write_text(
+      'from tests.conftest import tiny_config\n'
+      'def get_config(arg=None):\n'
+      f'  c = tiny_config({str(data_dir)!r})\n'
+      f'  c.total_steps = {steps}\n'
+      f'  c.checkpoint.update(**{checkpoint!r})\n'
+      '  c.log.every_steps = 1\n'
+      '  c.eval.every_steps = 1000\n'
+      '  return c\n')
+  return str(path)
+
+
 def logged(workdir):
   path = workdir / 'metrics.jsonl'
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tests.runs import differences, logged, salt_train, saved_state
+from tests.runs import differences, logged, salt_train, saved_state, write_config
 from trainer import checkpoint, data, sharding, train
 from trainer.config import mesh_shape
 from trainer.errors import PREEMPTED_EXIT_CODE, Diverged, UserError
@@ -21,17 +21,7 @@ STEPS = 24
 @pytest.fixture(scope='module')
 def config_file(tiny_data, tmp_path_factory):
   """A config file for `salt train` subprocesses: the tiny model, a checkpoint every 3 steps."""
-  path = tmp_path_factory.mktemp('config') / 'tiny.py'
-  path.write_text(
-      'from tests.conftest import tiny_config\n'
-      'def get_config(arg=None):\n'
-      f'  c = tiny_config({str(tiny_data)!r})\n'
-      f'  c.total_steps = {STEPS}\n'
-      '  c.checkpoint.update(every_steps=3, max_to_keep=3)\n'
-      '  c.log.every_steps = 1\n'
-      '  c.eval.every_steps = 1000\n'
-      '  return c\n')
-  return str(path)
+  return write_config(tmp_path_factory.mktemp('config') / 'tiny.py', tiny_data, STEPS, every_steps=3, max_to_keep=3)
 
 
 @pytest.fixture(scope='module')

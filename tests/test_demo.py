@@ -1,6 +1,7 @@
 """`salt demo` end to end on the tiny corpus: every stage, the report, and skipping done work."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -24,20 +25,23 @@ def tiny_demo_config(data_dir):
   return get_config
 
 
-def test_the_demo_runs_every_stage_writes_its_report_and_then_skips_done_work(tiny_data, tmp_path, caplog):
+def test_the_demo_runs_every_stage_writes_its_report_and_then_skips_done_work(tiny_data, tmp_path, caplog,
+                                                                            monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a relative run directory, as `make demo` gives
   with caplog.at_level(logging.INFO, logger='salt'):
-    report = demo.run(tmp_path, tiny_demo_config(tiny_data), score_batch=8)
+    report = demo.run(Path('demo'), tiny_demo_config(tiny_data), score_batch=8)
+  run_dir = tmp_path / 'demo'
   text = report.read_text()
   assert 'SALT reaches' in text or 'SALT does **not** reach' in text
   assert '| SLM (teacher) |' in text and '| 12 |' in text
   for plot in ('val_loss_vs_steps.png', 'val_loss_vs_time.png'):
-    assert (tmp_path / plot).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  scores = np.load(tmp_path / 'scores.npy')
+    assert (run_dir / plot).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  scores = np.load(run_dir / 'scores.npy')
   assert np.isfinite(scores).sum() > 0
 
   caplog.clear()
   with caplog.at_level(logging.INFO, logger='salt'):
-    demo.run(tmp_path, tiny_demo_config(tiny_data), score_batch=8)
+    demo.run(Path('demo'), tiny_demo_config(tiny_data), score_batch=8)
   done = [r.message for r in caplog.records if r.message.startswith('== ')]
   assert len(done) == 4 and all(': done (' in m for m in done)
 

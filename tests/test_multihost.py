@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.runs import logged
+from tests.runs import logged, write_config
 from trainer import checkpoint, cli, data, train
 from trainer import config as config_lib
 
@@ -21,17 +21,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope='module')
 def config_file(tiny_data, tmp_path_factory):
-  path = tmp_path_factory.mktemp('config') / 'tiny.py'
-  path.write_text(
-      'from tests.conftest import tiny_config\n'
-      'def get_config(arg=None):\n'
-      f'  c = tiny_config({str(tiny_data)!r})\n'
-      f'  c.total_steps = {STEPS}\n'
-      '  c.checkpoint.update(every_steps=3)\n'
-      '  c.log.every_steps = 1\n'
-      '  c.eval.every_steps = 1000\n'
-      '  return c\n')
-  return str(path)
+  return write_config(tmp_path_factory.mktemp('config') / 'tiny.py', tiny_data, STEPS, every_steps=3)
 
 
 def restored(config_file, tiny_data, workdir, step) -> dict[str, np.ndarray]:

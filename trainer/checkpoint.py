@@ -22,12 +22,17 @@ from trainer.errors import UserError
 log = logging.getLogger('salt')
 
 
+def absolute(path: epath.PathLike) -> epath.Path:
+  """The path Orbax needs: it reads and writes only absolute paths (remote ones, gs://, are)."""
+  return epath.Path(path if '://' in str(path) else os.path.abspath(path))
+
+
 class Checkpoints:
   """The checkpoints of one run directory."""
 
   def __init__(self, directory: epath.PathLike, *, every_steps: int, max_to_keep: int,
                keep_every_steps: int = 0, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     self.every_steps = every_steps
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -60,7 +65,7 @@ class Checkpoints:
                         'needs a run directory without them (or use --resume=auto)')
       return None
     if resume != 'auto':
-      return _restore_path(epath.Path(resume), abstract_state)
+      return _restore_path(absolute(resume), abstract_state)
     for step in sorted(steps, reverse=True):
       try:
         return _restore(self.manager, step, abstract_state)

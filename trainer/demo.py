@@ -46,7 +46,7 @@ def run(workdir: Path, get_config: Callable[[str | None], ml_collections.ConfigD
   if _scored_by(scores, teacher):
     log.info('== 2/4 scores: done (%s)', scores)
   else:
-    log.info('== 2/4 scoring every training record with the SLM')
+    log.info('== 2/4 scoring every %d-th training record with the SLM', score_every)
     data_dir = Path(slm.data.path) if slm.data.path else default_data_dir(slm.model.vocab_size)
     log.info(describe(score(str(teacher), data_dir, batch_size=score_batch, every=score_every, output=scores)))
   _train('3/4 the student, baseline', baseline, workdir / 'baseline')
@@ -97,7 +97,9 @@ def write_report(workdir: Path, salt: ml_collections.ConfigDict, slm: ml_collect
   target = base['loss'][-1]
   at_step = first_reach(kd['step'], kd['loss'], target)
   at_seconds = first_reach(kd['seconds'], kd['loss'], target)
-  slm_loss = eval_curve(workdir / 'slm')['loss'][-1]
+  teacher_curve = eval_curve(workdir / 'slm')
+  slm_loss = teacher_curve['loss'][-1]
+  scored = json.loads((workdir / 'scores.json').read_text())
   selected = json.loads((workdir / 'salt' / 'config.json').read_text())['selection']
   n_kd, total = salt.salt.n_kd, salt.total_steps
   _plot(curves, 'step', 'step', n_kd, slm_loss, workdir / 'val_loss_vs_steps.png')
@@ -116,13 +118,16 @@ def write_report(workdir: Path, salt: ml_collections.ConfigDict, slm: ml_collect
       '# SALT demo report', '',
       f'Student {_describe(salt)}, {total} steps; the SLM ({_describe(slm)}) '
       f'teaches it for the first {n_kd} steps (w = {salt.salt.weight}, {salt.salt.schedule}, tau = {salt.salt.tau}) '
-      f'on the {selected["records"]} of {selected["of"]} training records it scores highest '
-      f'({salt.data.selection.rule} {salt.data.selection.keep_fraction:.0%}).', '',
+      f'on the {selected["records"]} training records it scores highest ({salt.data.selection.rule} '
+      f'{salt.data.selection.keep_fraction:.0%} of the {scored["scored"]} it scored: every {scored["every"]}th '
+      f'of {selected["of"]}).', '',
       verdict, '',
       '| run | final validation loss (nats/token) | training seconds |', '|---|---|---|',
-      f'| SLM (teacher) | {slm_loss:.4f} | |',
+      f'| SLM (teacher) | {slm_loss:.4f} | {teacher_curve["seconds"][-1]:.0f} |',
       f'| baseline | {base["loss"][-1]:.4f} | {base["seconds"][-1]:.0f} |',
       f'| SALT | {kd["loss"][-1]:.4f} | {kd["seconds"][-1]:.0f} |', '',
+      f'The SLM\'s training and the scoring ({scored["seconds"]:.0f} s) are not in the students\' seconds: '
+      'they are paid once per SLM, whatever the number of students it teaches.', '',
       '| step | baseline | SALT |', '|---|---|---|',
       *(f'| {s:.0f} | {b:.4f} | {k:.4f} |' for s, b, k in zip(base['step'], base['loss'], kd['loss'])), '',
       '![validation loss against steps](val_loss_vs_steps.png)',

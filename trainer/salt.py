@@ -15,11 +15,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
 from trainer import sharding, step
+from trainer.checkpoint import absolute
 from trainer.errors import UserError
 from trainer.model import ModelConfig
 
@@ -50,7 +50,7 @@ class Teacher:
 
 def teacher_metadata(path: str) -> dict:
   """The `meta` item of a checkpoint: config and versions. Raises UserError if unreadable."""
-  checkpoint = epath.Path(path)
+  checkpoint = absolute(path)
   if not (checkpoint / 'meta').is_dir():
     raise UserError(f'salt.teacher={path!r} is not a salt checkpoint (RUN/checkpoints/STEP with a meta item)')
   try:
@@ -80,7 +80,7 @@ def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256:
                         abstract_params, shardings)
   try:
     restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-        epath.Path(path) / 'state',
+        absolute(path) / 'state',
         args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
                                     restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)}))
   except Exception as e:  # Orbax and TensorStore raise many types for unreadable data

@@ -20,6 +20,7 @@ training record, in record order) and `scores.json` (teacher, k, counts).
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -125,6 +126,7 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
                  out_shardings=sharding.replicated(mesh))
   per_process = batch_size // jax.process_count()
   mine = jax.process_index() * per_process
+  start = time.perf_counter()
   for b in tqdm.trange(first, n_batches, initial=first, total=n_batches, disable=not progress,
                        unit='batch', desc='scoring'):
     rows = range(b * batch_size + mine, b * batch_size + mine + per_process)
@@ -146,6 +148,7 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
                              len(stream.records))
   candidates = int(np.ceil(scores.size / every))
   summary = {'teacher': teacher_path, 'top_k': top_k, 'seq_len': seq_len, 'every': every,
+             'seconds': round(time.perf_counter() - start, 1),
              'records': int(scores.size), 'sampled': candidates, 'scored': int(np.isfinite(scores).sum()),
              'unscored': candidates - int(np.isfinite(scores).sum())}
   if jax.process_index() == 0:
