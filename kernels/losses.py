@@ -73,8 +73,9 @@ def token_losses(
 
   Gradients flow to the student's hidden states and unembedding only. Tokens where
   `mask_T` is 0 get zero terms (and so no gradient). `chunk` is the reference's
-  vocabulary chunk; `block_t` x `block_v` the kernels' block (0: the kernels' default). `mesh` and the axes say
-  how the Pallas path splits the work (no mesh: one shard).
+  vocabulary chunk; `block_t` x `block_v` the kernels' block (0: the kernels'
+  default). `mesh` and the axes say how the Pallas path splits the work (no mesh:
+  one shard).
   """
   if impl not in IMPLS:
     raise ValueError(f'impl={impl!r} must be one of {IMPLS}')
