@@ -10,7 +10,6 @@ the write) / 600 s. Runs on random tokens: no data needed.
 """
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from bench.results import record
 from trainer import checkpoint, dryrun, sharding, train
 from trainer import config as config_lib
 from trainer.config import mesh_shape
@@ -72,13 +72,10 @@ def main():
   shutil.rmtree(args.dir, ignore_errors=True)
 
   extra_s = max(step_during_write_s - step_s, 0.0) * args.steps
-  print(json.dumps({
-      'device': jax.devices()[0].device_kind, 'params': param_count(model_cfg), 'checkpoint_gb': round(size_gb, 2),
-      'step_s': round(step_s, 3), 'save_blocking_s': round(blocking_s, 3),
-      'step_during_write_s': round(step_during_write_s, 3), 'save_committed_s': round(committed_s, 2),
-      'restore_s': round(restore_s, 2),
-      'overhead_at_10_min_interval': round((blocking_s + extra_s) / 600, 5),
-  }))
+  record('checkpoint_overhead', round((blocking_s + extra_s) / 600, 5), interval_s=600,
+         params=param_count(model_cfg), checkpoint_gb=round(size_gb, 2), step_s=round(step_s, 3),
+         save_blocking_s=round(blocking_s, 3), step_during_write_s=round(step_during_write_s, 3),
+         save_committed_s=round(committed_s, 2), restore_s=round(restore_s, 2))
 
 
 if __name__ == '__main__':

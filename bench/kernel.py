@@ -9,16 +9,21 @@ time means nothing). The loss is sum((1 - w) CE + w KD) at tau = 1, w = 0.5, in
 bf16; gradients with respect to the student's hidden states and unembedding. FLOPs
 are counted as in ../shared/bench/liger_kd.py: 2 T V (3 Ds + Dt). Peak memory is the
 compiled program's arguments + temporaries + outputs (`memory_analysis`), so it is
-comparable across devices. Prints one JSON line per implementation and vocabulary.
+comparable across devices. One JSON line per implementation and vocabulary (`what`:
+loss_ms). With `--liger FILE`, the JSON lines ../shared/bench/liger_kd.py printed in
+the same device run, also `liger_ms` and, per implementation, `loss_speedup_vs_liger`
+(Liger's ms over ours) and `loss_peak_over_liger` (our peak over Liger's).
 """
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from bench.results import record
 from kernels import token_losses
 
 
@@ -74,14 +79,25 @@ def main():
   parser.add_argument('--vocab', default='32768,131072,262144')
   parser.add_argument('--impls', default='naive,xla,pallas')
   parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--liger', type=Path, help="liger_kd.py's JSON lines from the same device run")
   args = parser.parse_args()
+  liger = {}
+  if args.liger and args.liger.exists():
+    liger = {line['V']: line for line in map(json.loads, args.liger.read_text().splitlines()) if 'ms' in line}
   for V in (int(v) for v in args.vocab.split(',')):
+    shape = dict(T=args.tokens, Ds=args.student_width, Dt=args.teacher_width, V=V)
+    if V in liger:
+      record('liger_ms', liger[V]['ms'], impl='liger', peak_GB=liger[V]['peak_GB'], **shape)
     for impl in args.impls.split(','):
       try:
         result = run(impl, args.tokens, args.student_width, args.teacher_width, V, args.repeats)
       except ValueError as e:  # an implementation this device does not run
-        result = dict(impl=impl, V=V, error=str(e))
-      print(json.dumps(result), flush=True)
+        print(json.dumps(dict(impl=impl, V=V, error=str(e))), flush=True)
+        continue
+      record('loss_ms', result['ms'], impl=impl, peak_GB=result['peak_GB'], tflops=result['tflops'], **shape)
+      if V in liger:
+        record('loss_speedup_vs_liger', round(liger[V]['ms'] / result['ms'], 3), impl=impl, **shape)
+        record('loss_peak_over_liger', round(result['peak_GB'] / liger[V]['peak_GB'], 3), impl=impl, **shape)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Step time of stage 1 (student + teacher forward + distillation loss) over stage 2 (student alone).
 
     python -m bench.salt_overhead [--student configs/demo.py] [--teacher configs/demo.py:slm] [--steps 10]
+        [--config.KEY=VALUE ...]      (overrides of the student's config)
 
 Both models start from random parameters (the step's cost does not depend on their
 values) and read random tokens. The goal: stage-1 overhead <= the teacher's share of
@@ -8,12 +9,12 @@ the FLOPs (its forward pass over the student's training FLOPs) + 3%.
 """
 
 import argparse
-import json
 import time
 
 import jax
 import numpy as np
 
+from bench.results import record
 from trainer import config as config_lib
 from trainer import dryrun, sharding, train
 from trainer.config import mesh_shape
@@ -35,8 +36,9 @@ def main():
   parser.add_argument('--student', default='configs/demo.py')
   parser.add_argument('--teacher', default='configs/demo.py:slm')
   parser.add_argument('--steps', type=int, default=10)
-  args = parser.parse_args()
-  student = config_lib.load(args.student, ['--config.salt.n_kd=1000000', '--config.total_steps=1000000'])
+  args, overrides = parser.parse_known_args()
+  student = config_lib.load(args.student, ['--config.salt.n_kd=1000000', '--config.total_steps=1000000',
+                                           *overrides])
   teacher_config = config_lib.load(args.teacher)
   config_lib.validate(student, jax.device_count())
   mesh = sharding.make_mesh(mesh_shape(student.mesh, jax.device_count()))
@@ -52,12 +54,9 @@ def main():
   state, stage1_s = time_steps(program.distillation_step(teacher), state, (batch, teacher.params), args.steps)
   seq_len = student.data.seq_len
   teacher_share = flops_per_token(t_cfg, seq_len) / 3 / flops_per_token(s_cfg, seq_len)
-  print(json.dumps({
-      'student': args.student, 'teacher': args.teacher, 'device': jax.devices()[0].device_kind,
-      'stage1_step_s': round(stage1_s, 4), 'stage2_step_s': round(stage2_s, 4),
-      'overhead': round(stage1_s / stage2_s - 1, 4), 'teacher_flops_share': round(teacher_share, 4),
-      'goal': round(teacher_share + 0.03, 4),
-  }))
+  record('salt_overhead', round(stage1_s / stage2_s - 1, 4), student=args.student, teacher=args.teacher,
+         overrides=overrides, stage1_step_s=round(stage1_s, 4), stage2_step_s=round(stage2_s, 4),
+         teacher_flops_share=round(teacher_share, 4), goal=round(teacher_share + 0.03, 4))
 
 
 if __name__ == '__main__':

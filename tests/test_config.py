@@ -40,7 +40,7 @@ def test_int_is_accepted_for_a_float_key():
     (['--config.mesh.data=-1', '--config.mesh.tensor=3'],
      'mesh data=-1 fsdp=1 tensor=3: the fixed axes (3 devices) do not divide the 8 devices available'),
     (['--config.mesh.fsdp=-1'], 'mesh data=-1 fsdp=-1 tensor=1 has more than one axis set to -1'),
-    (['--config.model.remat=some'], "model.remat='some' must be one of ('none', 'full', 'dots')"),
+    (['--config.model.remat=some'], "model.remat='some' must be one of ('save_everything', 'save_nothing', 'save_matmuls', 'save_attention', 'save_matmuls_and_attention')"),
     (['--config.model.n_kv_heads=3'], 'model.n_heads=4 must be a multiple of model.n_kv_heads=3'),
     (['--config.sharding.mlp=model'], "sharding.mlp='model' names mesh axis 'model'"),
     (['--config.optim'], "override '--config.optim' has no value"),

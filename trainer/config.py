@@ -15,11 +15,11 @@ from typing import Any
 
 import ml_collections
 
-from kernels import IMPLS
+from kernels import IMPLS, attention
 from trainer.errors import UserError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-REMAT_POLICIES = ('none', 'full', 'dots')
+REMAT_POLICIES = ('save_everything', 'save_nothing', 'save_matmuls', 'save_attention', 'save_matmuls_and_attention')
 DECAY_SCHEDULES = ('cosine', 'linear')
 DTYPES = ('float32', 'bfloat16')
 KD_SCHEDULES = ('constant', 'linear', 'linear_ratio')
@@ -52,7 +52,9 @@ def defaults() -> ml_collections.ConfigDict:
       tie_embeddings=False,
       init_std=0.02,
       dtype='bfloat16',  # compute dtype; parameters are always float32
-      remat='none',  # one of REMAT_POLICIES, applied per layer
+      # What the backward pass keeps of each layer (one of REMAT_POLICIES); the rest is
+      # recomputed. 'attention' is the attention output and the flash kernels' residuals.
+      remat='save_everything',
   )
   c.data = dict(
       path='',  # a directory written by `salt prepare`; '' = embedded Shakespeare
@@ -85,6 +87,12 @@ def defaults() -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.1,
       clip_norm=1.0,
+  )
+  c.attention = dict(
+      # One of kernels.attention.IMPLS: xla (the reference, builds [B, H, L, L] scores),
+      # cudnn, pallas_gpu, splash, or auto: per device, the fastest measured that keeps
+      # documents apart (kernels.attention.FASTEST).
+      impl='auto',
   )
   c.loss = dict(
       impl='auto',  # one of kernels.IMPLS: xla (chunked reference), pallas (fused kernels), auto
@@ -274,6 +282,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _require(ck.every_steps > 0, f'checkpoint.every_steps={ck.every_steps} must be positive')
   _require(ck.max_to_keep > 0, f'checkpoint.max_to_keep={ck.max_to_keep} must be positive')
   _require(ck.keep_every_steps >= 0, f'checkpoint.keep_every_steps={ck.keep_every_steps} must be >= 0')
+  _require(config.attention.impl in attention.IMPLS,
+           f'attention.impl={config.attention.impl!r} must be one of {attention.IMPLS}')
   ls = config.loss
   _require(ls.impl in IMPLS, f'loss.impl={ls.impl!r} must be one of {IMPLS}')
   _require(ls.vocab_chunk > 0, f'loss.vocab_chunk={ls.vocab_chunk} must be positive')

@@ -169,9 +169,9 @@ def teacher_config(config: ml_collections.ConfigDict, teacher_spec: str | None) 
     return None
   path = config.salt.teacher
   if (epath.Path(path) / 'meta').is_dir():
-    return ModelConfig(**salt.teacher_metadata(path)['config']['model']), True
+    return salt.teacher_model_config(salt.teacher_metadata(path)['config']['model']), True
   if teacher_spec:
-    return ModelConfig(**config_lib.load(teacher_spec).model), False
+    return salt.teacher_model_config(config_lib.load(teacher_spec).model.to_dict()), False
   raise UserError(f'salt.teacher={path!r} is not a checkpoint here; give --teacher-config FILE[:ARG] '
                   '(e.g. configs/paper.py:slm) to dry-run stage 1 with a random teacher of that size')
 
@@ -183,7 +183,7 @@ def abstract_teacher(cfg: ModelConfig, mesh, rules) -> salt.Teacher:
   shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s),
                         abstract_params, shardings)
-  return salt.Teacher(graphdef=graphdef, params=params, config={}, path='')
+  return salt.Teacher(model=cfg, graphdef=graphdef, params=params, config={}, path='')
 
 
 def random_teacher(abstract: salt.Teacher, seed: int) -> salt.Teacher:
@@ -243,7 +243,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 3, topology: str | No
                         for name, executable in compiled.items()}}
   for name, stage in figures['stages'].items():
     check_fits(name, stage['need_bytes'], limit, limit_source,
-               'shard over more devices (--config.mesh.fsdp), recompute activations (--config.model.remat=full) '
+               'shard over more devices (--config.mesh.fsdp), recompute activations (--config.model.remat=save_nothing) '
                'or lower data.global_batch_size')
   if topology:
     say(f'compiled for {target.name}; no steps run: those devices are not here')

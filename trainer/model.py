@@ -20,6 +20,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from kernels.attention import Attention, reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +46,7 @@ class ModelConfig:
   tie_embeddings: bool = False
   init_std: float = 0.02
   dtype: str = 'bfloat16'
-  remat: str = 'none'
+  remat: str = 'save_everything'  # one of REMAT_POLICIES
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
@@ -112,7 +115,8 @@ class Block(nnx.Module):
     self.w_up_DxF = _param(rngs, (D, F), ('embed', 'mlp'), in_std)
     self.w_down_FxD = _param(rngs, (F, D), ('mlp', 'embed'), out_std)
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+               attention: Attention) -> jax.Array:
     cfg, dtype = self.cfg, x_BxLxD.dtype
     h = rms_norm(x_BxLxD, self.attn_norm[...], cfg.norm_eps)
     q = jnp.einsum('bld,dhe->blhe', h, self.wq_DxHxE[...].astype(dtype))
@@ -121,7 +125,7 @@ class Block(nnx.Module):
     freq_E2 = rope_frequencies(cfg)
     q = rotary(q, positions_BxL, freq_E2)
     k = rotary(k, positions_BxL, freq_E2)
-    attn_BxLxHxE = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
+    attn_BxLxHxE = checkpoint_name(attention(q, k, v, segment_ids_BxL), 'attention')
     x_BxLxD = x_BxLxD + jnp.einsum('blhe,hed->bld', attn_BxLxHxE, self.wo_HxExD[...].astype(dtype))
 
     h = rms_norm(x_BxLxD, self.mlp_norm[...], cfg.norm_eps)
@@ -131,14 +135,26 @@ class Block(nnx.Module):
     return x_BxLxD + down
 
 
-_REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+# What the backward pass keeps of each layer's forward pass; the rest it recomputes.
+# 'attention' is the attention output, and with the Pallas kernels their flash
+# residuals (the softmax statistics) too; 'matmuls' the outputs of the projections.
+_policies = jax.checkpoint_policies
+REMAT_POLICIES = {
+    'save_everything': None,  # no recomputation
+    'save_nothing': _policies.nothing_saveable,
+    'save_matmuls': _policies.dots_with_no_batch_dims_saveable,
+    'save_attention': _policies.save_only_these_names('attention'),
+    'save_matmuls_and_attention': _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names('attention')),
 }
 
 
 class Transformer(nnx.Module):
-  """tokens, positions, segment ids [B, L] -> final hidden states [B, L, D]."""
+  """tokens, positions, segment ids [B, L] -> final hidden states [B, L, D].
+
+  `attention` is the attention kernel (kernels.attention.make_attention); the XLA
+  reference by default.
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -153,21 +169,18 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed_DxV = _param(rngs, (D, V), ('embed', 'vocab'), D ** -0.5)
 
-  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+               attention: Attention = reference) -> jax.Array:
     cfg = self.cfg
     x_BxLxD = self.embed_VxD[...].astype(cfg.dtype)[tokens_BxL]
-    L = tokens_BxL.shape[1]
-    causal_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
-    same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-    mask_Bx1xLxL = (causal_LxL & same_doc_BxLxL)[:, None]
 
     graphdef, layers = nnx.split(self.layers)
 
     def layer(x, layer_params):
-      return nnx.merge(graphdef, layer_params)(x, positions_BxL, mask_Bx1xLxL), None
+      return nnx.merge(graphdef, layer_params)(x, positions_BxL, segment_ids_BxL, attention), None
 
-    if cfg.remat != 'none':
-      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+    if cfg.remat != 'save_everything':
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
     x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, layers)
     return rms_norm(x_BxLxD, self.final_norm[...], cfg.norm_eps)
 

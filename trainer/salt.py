@@ -42,10 +42,17 @@ def kd_weight(step_number: jax.Array, *, schedule: str, weight: float, n_kd: int
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
+  model: ModelConfig
   graphdef: nnx.GraphDef
   params: nnx.State  # bfloat16, sharded like the student's
   config: dict  # the teacher run's resolved config
   path: str
+
+
+def teacher_model_config(model: dict) -> ModelConfig:
+  """The teacher's model from its run's config; it is never differentiated, so nothing
+  is recomputed (whatever remat policy its own run used)."""
+  return ModelConfig(**{**model, 'remat': 'save_everything'})
 
 
 def teacher_metadata(path: str) -> dict:
@@ -72,7 +79,7 @@ def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256:
         f'the teacher {path} was trained with tokenizer {teacher_config["data"]["tokenizer_sha256"][:12]}..., '
         f'the student\'s data with {tokenizer_sha256[:12]}...; prepare the data with the teacher\'s '
         'tokenizer (salt prepare --tokenizer)')
-  cfg = ModelConfig(**teacher_config['model'])
+  cfg = teacher_model_config(teacher_config['model'])
   graphdef, abstract_params = step.abstract_model(cfg)
   logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract_params))
   shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
@@ -85,7 +92,7 @@ def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256:
                                     restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)}))
   except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
     raise UserError(f'salt.teacher={path!r}: cannot read its parameters ({type(e).__name__})') from None
-  return Teacher(graphdef=graphdef, params=restored['params'], config=teacher_config, path=str(path))
+  return Teacher(model=cfg, graphdef=graphdef, params=restored['params'], config=teacher_config, path=str(path))
 
 
 def free(teacher: Teacher) -> None:

@@ -29,7 +29,8 @@ import tqdm
 from flax import nnx
 
 from kernels import ce_and_rank
-from trainer import data, salt, sharding
+from kernels.attention import Attention
+from trainer import data, salt, sharding, train
 from trainer.config import mesh_shape
 from trainer.errors import UserError
 from trainer.prepare import read_manifest
@@ -57,12 +58,12 @@ def read_window(record_tokens: np.ndarray, start: int, seq_len: int) -> dict[str
           'segment_ids': np.ones(seq_len, np.int32), 'weights': valid}
 
 
-def make_score_step(graphdef: nnx.GraphDef, top_k: int, chunk: int):
+def make_score_step(graphdef: nnx.GraphDef, top_k: int, chunk: int, attention: Attention):
   """(params, batch) -> per-token loss and whether the target is in the model's top k, [B, L]."""
 
   def score_step(params, batch):
     model = nnx.merge(graphdef, params)
-    h = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+    h = model(batch['inputs'], batch['positions'], batch['segment_ids'], attention)
     loss, rank = ce_and_rank(h.reshape(-1, h.shape[-1]), model.unembedding(), batch['targets'].reshape(-1),
                              chunk=chunk)
     shape = batch['targets'].shape
@@ -121,7 +122,8 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
       log.info('continuing from batch %d of %d', first, n_batches)
 
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  step = jax.jit(make_score_step(teacher.graphdef, top_k, meta_config['loss']['vocab_chunk']),
+  attention = train.attention_fn('auto', teacher.model, seq_len, mesh, rules)
+  step = jax.jit(make_score_step(teacher.graphdef, top_k, meta_config['loss']['vocab_chunk'], attention),
                  in_shardings=(jax.tree.map(lambda x: x.sharding, teacher.params), batch_sharding),
                  out_shardings=sharding.replicated(mesh))
   per_process = batch_size // jax.process_count()

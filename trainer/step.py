@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kernels import TokenLosses
+from kernels.attention import Attention
 from trainer import sharding
 from trainer.model import ModelConfig, Transformer
 
@@ -74,22 +75,25 @@ def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, shardings
 class Distillation:
   """How stage 1 mixes the teacher in: loss = (1 - w) CE + w KD, w = weight(step)."""
   teacher_graphdef: nnx.GraphDef
+  teacher_attention: Attention
   weight: Callable[[jax.Array], jax.Array]
   tau: float = 1.0
   tau_squared: bool = False
   teacher_top_k: int = 0
 
 
-def _hidden(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def _hidden(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+            attention: Attention) -> tuple[jax.Array, jax.Array]:
   """[B*L, D] final hidden states and the [D, V] unembedding of a model."""
   model = nnx.merge(graphdef, params)
-  h_BxLxD = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+  h_BxLxD = model(batch['inputs'], batch['positions'], batch['segment_ids'], attention)
   return h_BxLxD.reshape(-1, h_BxLxD.shape[-1]), model.unembedding()
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, losses: LossFn) -> jax.Array:
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, losses: LossFn,
+                 attention: Attention) -> jax.Array:
   """Per-token next-token cross-entropy, [B, L] float32 (padding included; weight it)."""
-  h, unembedding = _hidden(graphdef, params, batch)
+  h, unembedding = _hidden(graphdef, params, batch, attention)
   return losses(h, unembedding, batch['targets'].reshape(-1)).ce.reshape(batch['targets'].shape)
 
 
@@ -98,7 +102,8 @@ def _weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    losses: LossFn, skip_nonfinite: bool = False, distillation: Distillation | None = None):
+                    losses: LossFn, attention: Attention, skip_nonfinite: bool = False,
+                    distillation: Distillation | None = None):
   """The train step: (state, batch) -> (state, metrics), or (state, batch, teacher_params)
   -> (state, metrics) for stage 1 when `distillation` is given.
 
@@ -107,12 +112,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
   """
 
   def loss_fn(params, batch, teacher_params, step_number):
-    h, unembedding = _hidden(graphdef, params, batch)
+    h, unembedding = _hidden(graphdef, params, batch, attention)
     targets, weights = batch['targets'].reshape(-1), batch['weights']
     if distillation is None:
       ce = _weighted_mean(losses(h, unembedding, targets).ce, weights)
       return ce, {'ce': ce}
-    h_t, unembedding_t = _hidden(distillation.teacher_graphdef, teacher_params, batch)
+    h_t, unembedding_t = _hidden(distillation.teacher_graphdef, teacher_params, batch,
+                                 distillation.teacher_attention)
     terms = losses(h, unembedding, targets, (h_t, unembedding_t), tau=distillation.tau,
                    teacher_top_k=distillation.teacher_top_k)
     w = distillation.weight(step_number)
@@ -139,13 +145,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, losses: LossFn,
+def make_eval_step(graphdef: nnx.GraphDef, losses: LossFn, attention: Attention,
                    token_bytes: jax.Array) -> Callable[[nnx.State, Batch], dict]:
   """Sums over a batch: loss (nats), tokens, and the UTF-8 bytes those tokens stand for."""
 
   def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
     weights = batch['weights']
-    per_token = token_losses(graphdef, params, batch, losses)
+    per_token = token_losses(graphdef, params, batch, losses, attention)
     return {
         'loss_sum': (per_token * weights).sum(),
         'tokens': weights.sum(),

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -17,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 import kernels
+from kernels import attention
 from trainer import checkpoint, corpus, data, metrics, salt, sharding, step
 from trainer.config import mesh_shape, validate
 from trainer.errors import Diverged, Preempted, UserError
@@ -100,6 +102,22 @@ def loss_fn(loss: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules) 
                            token_axes=rules['batch'], vocab_axes=rules['vocab'])
 
 
+def attention_fn(impl: str, cfg: ModelConfig, seq_len: int, mesh: Mesh, rules: sharding.Rules) -> attention.Attention:
+  """The attention kernel a model runs on `mesh`: `impl`, or for `auto` the fastest
+  that keeps document boundaries on that device; rows split like the batch, heads
+  like `heads` and `kv_heads`.
+
+  Raises UserError when `impl` is named and cannot run this model on this device.
+  """
+  backend = mesh.devices.flat[0].platform
+  try:
+    chosen = attention.choose(impl, backend, jnp.dtype(cfg.dtype), seq_len, cfg.head_dim)
+  except ValueError as e:
+    raise UserError(f'attention.impl={impl!r}: {e}; attention.impl=auto picks one that can') from None
+  return attention.make_attention(chosen, mesh=mesh, batch_axes=rules['batch'], head_axes=rules['heads'],
+                                  kv_head_axes=rules['kv_heads'])
+
+
 def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray) -> Program:
   """Builds optimizer, shardings and jitted steps from a validated config."""
   rules = sharding.parse_rules(config.sharding)
@@ -112,17 +130,22 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
   shardings = step.state_shardings(abstract_params, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   losses = loss_fn(config.loss, mesh, rules)
+  seq_len = config.data.seq_len
+  attend = attention_fn(config.attention.impl, model_cfg, seq_len, mesh, rules)
+  skip_nonfinite = config.nonfinite == 'skip'
   train_step, eval_step = step.jit_steps(
-      step.make_train_step(graphdef, tx, schedule, losses, skip_nonfinite=config.nonfinite == 'skip'),
-      step.make_eval_step(graphdef, losses, token_bytes),
+      step.make_train_step(graphdef, tx, schedule, losses, attend, skip_nonfinite=skip_nonfinite),
+      step.make_eval_step(graphdef, losses, attend, token_bytes),
       shardings, batch_sharding, mesh)
 
   def distillation_step(teacher: salt.Teacher) -> Callable:
     k = config.salt
     weight = functools.partial(salt.kd_weight, schedule=k.schedule, weight=k.weight, n_kd=k.n_kd)
-    distillation = step.Distillation(teacher.graphdef, weight, k.tau, k.tau_squared, k.teacher_top_k)
+    teacher_attend = attention_fn(config.attention.impl, teacher.model, seq_len, mesh, rules)
+    distillation = step.Distillation(teacher.graphdef, teacher_attend, weight, k.tau, k.tau_squared,
+                                     k.teacher_top_k)
     return step.jit_distillation_step(
-        step.make_train_step(graphdef, tx, schedule, losses, skip_nonfinite=config.nonfinite == 'skip',
+        step.make_train_step(graphdef, tx, schedule, losses, attend, skip_nonfinite=skip_nonfinite,
                              distillation=distillation),
         shardings, batch_sharding, jax.tree.map(lambda x: x.sharding, teacher.params), mesh)
 
@@ -249,7 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: st
                                 manifest['tokenizer_sha256'])
     distillation_step = program.distillation_step(teacher)
     log.info('teacher: %s, %.1fM parameters; distillation for steps [%d, %d)', teacher.path,
-             param_count(ModelConfig(**teacher.config['model'])) / 1e6, first_step, n_kd)
+             param_count(teacher.model) / 1e6, first_step, n_kd)
   loader = functools.partial(data.train_batches, global_batch=global_batch, seed=config.data.shuffle_seed,
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              workers=config.data.workers)
