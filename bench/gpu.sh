@@ -9,8 +9,8 @@
 # then, most important first: attention per layer and its parity with the XLA reference
 # (bench/attention.py); the 1.47B student's step and MFU for three remat policies
 # (bench/step.py); the teacher-student loss with Liger in the same run (bench/kernel.py,
-# ../shared/bench/liger_kd.py); the SALT stage-1 overhead; the checkpoint overhead;
-# `salt dryrun`. Each figure is one JSON line in DIR/results.jsonl (DIR: --out, else
+# ../shared/bench/liger_kd.py), token_chunks at two more chunk sizes; the SALT stage-1
+# overhead; the checkpoint overhead; `salt dryrun`. Each figure is one JSON line in DIR/results.jsonl (DIR: --out, else
 # $OUT); each check's output is in DIR/<check>.log. A check that fails or runs out of
 # the time left is listed in DIR/failed.txt and the rest go on.
 set -uo pipefail
@@ -60,7 +60,7 @@ if [ $small = 1 ]; then
     check "step-$remat" 300 $PYTHON -m bench.step --config configs/demo.py --steps 2 --config.model.remat=$remat
   done
   check kernel 300 $PYTHON -m bench.kernel --tokens 256 --student-width 64 --teacher-width 32 --vocab 1024 \
-    --impls xla,pallas --repeats 1
+    --impls xla,pallas,token_chunks --repeats 1
   check salt_overhead 300 $PYTHON -m bench.salt_overhead --steps 2
   check checkpoint 300 $PYTHON -m bench.checkpoint --dir "$out/ckpt" --steps 1 --config.model.n_layers=2 \
     --config.model.d_model=256 --config.model.d_ff=512 --config.model.head_dim=16
@@ -76,7 +76,11 @@ else
   else
     echo "liger: skipped, no $liger or no torch and liger_kernel" | tee -a "$out/failed.txt"
   fi
-  check kernel 100 $PYTHON -m bench.kernel --impls naive,xla,pallas --repeats 5 --liger "$out/liger.jsonl"
+  check kernel 100 $PYTHON -m bench.kernel --impls naive,xla,token_chunks --repeats 5 --liger "$out/liger.jsonl"
+  for chunk in 512 2048; do
+    check "kernel-chunk$chunk" 60 $PYTHON -m bench.kernel --impls token_chunks --vocab 131072,262144 \
+      --chunk-tokens $chunk --repeats 5 --liger "$out/liger.jsonl"
+  done
   check step-save_nothing 90 $PYTHON -m bench.step "${slm[@]}" --steps 10 --config.model.remat=save_nothing
   check step-save_matmuls 90 $PYTHON -m bench.step "${slm[@]}" --steps 10 --config.model.remat=save_matmuls
   check salt_overhead 90 $PYTHON -m bench.salt_overhead --student configs/paper.py:llm \

@@ -4,8 +4,8 @@
     python -m bench.kernel --tokens 1024 --vocab 8192,32768     # a size a CPU finishes
 
 Implementations: `naive` (whole [T, V] logits of both models, plain XLA), `xla` (the
-chunked reference) and `pallas` (the fused kernels; interpret mode on CPU, where its
-time means nothing). The loss is sum((1 - w) CE + w KD) at tau = 1, w = 0.5, in
+vocabulary-chunked reference), `pallas` (the fused TPU kernels; interpret mode on
+CPU, where its time means nothing) and `token_chunks` (the GPU shape). The loss is sum((1 - w) CE + w KD) at tau = 1, w = 0.5, in
 bf16; gradients with respect to the student's hidden states and unembedding. FLOPs
 are counted as in ../shared/bench/liger_kd.py: 2 T V (3 Ds + Dt). Peak memory is the
 compiled program's arguments + temporaries + outputs (`memory_analysis`), so it is
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.results import record
-from kernels import token_losses
+from kernels import weighted_loss
 
 
 def naive_losses(h_s, w_s, targets, teacher):
@@ -36,26 +36,25 @@ def naive_losses(h_s, w_s, targets, teacher):
   return ce, kd
 
 
-def objective(impl: str):
+def objective(impl: str, chunk_tokens: int):
   def loss(h_s, w_s, targets, h_t, w_t):
     if impl == 'naive':
       ce, kd = naive_losses(h_s, w_s, targets, (h_t, w_t))
-    else:
-      terms = token_losses(h_s, w_s, targets, (h_t, w_t), impl=impl)
-      ce, kd = terms.ce, terms.kd
-    return (0.5 * ce + 0.5 * kd).sum()
+      return (0.5 * ce + 0.5 * kd).sum()
+    half = jnp.full(targets.shape, 0.5)
+    return weighted_loss(h_s, w_s, targets, (h_t, w_t), half, half, impl=impl, chunk_tokens=chunk_tokens)[0]
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def run(impl: str, T: int, Ds: int, Dt: int, V: int, repeats: int) -> dict:
+def run(impl: str, T: int, Ds: int, Dt: int, V: int, repeats: int, chunk_tokens: int = 0) -> dict:
   k = jax.random.split(jax.random.key(0), 5)
   args = (jax.random.normal(k[0], (T, Ds), jnp.bfloat16),
           (jax.random.normal(k[1], (Ds, V)) * 0.02).astype(jnp.bfloat16),
           jax.random.randint(k[4], (T,), 0, V),
           jax.random.normal(k[2], (T, Dt), jnp.bfloat16),
           (jax.random.normal(k[3], (Dt, V)) * 0.02).astype(jnp.bfloat16))
-  step = objective(impl)
+  step = objective(impl, chunk_tokens)
   compiled = step.lower(*args).compile()
   memory = compiled.memory_analysis()
   jax.block_until_ready(compiled(*args))
@@ -77,8 +76,9 @@ def main():
   parser.add_argument('--student-width', type=int, default=2048)
   parser.add_argument('--teacher-width', type=int, default=1024)
   parser.add_argument('--vocab', default='32768,131072,262144')
-  parser.add_argument('--impls', default='naive,xla,pallas')
+  parser.add_argument('--impls', default='naive,xla,token_chunks')
   parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--chunk-tokens', type=int, default=0, help="token_chunks' chunk (0: its default)")
   parser.add_argument('--liger', type=Path, help="liger_kd.py's JSON lines from the same device run")
   args = parser.parse_args()
   liger = {}
@@ -86,18 +86,20 @@ def main():
     liger = {line['V']: line for line in map(json.loads, args.liger.read_text().splitlines()) if 'ms' in line}
   for V in (int(v) for v in args.vocab.split(',')):
     shape = dict(T=args.tokens, Ds=args.student_width, Dt=args.teacher_width, V=V)
+    chunk = dict(chunk_tokens=args.chunk_tokens) if args.chunk_tokens else {}
     if V in liger:
       record('liger_ms', liger[V]['ms'], impl='liger', peak_GB=liger[V]['peak_GB'], **shape)
     for impl in args.impls.split(','):
       try:
-        result = run(impl, args.tokens, args.student_width, args.teacher_width, V, args.repeats)
+        result = run(impl, args.tokens, args.student_width, args.teacher_width, V, args.repeats, args.chunk_tokens)
       except ValueError as e:  # an implementation this device does not run
         print(json.dumps(dict(impl=impl, V=V, error=str(e))), flush=True)
         continue
-      record('loss_ms', result['ms'], impl=impl, peak_GB=result['peak_GB'], tflops=result['tflops'], **shape)
+      record('loss_ms', result['ms'], impl=impl, peak_GB=result['peak_GB'], tflops=result['tflops'], **shape, **chunk)
       if V in liger:
-        record('loss_speedup_vs_liger', round(liger[V]['ms'] / result['ms'], 3), impl=impl, **shape)
-        record('loss_peak_over_liger', round(result['peak_GB'] / liger[V]['peak_GB'], 3), impl=impl, **shape)
+        record('loss_speedup_vs_liger', round(liger[V]['ms'] / result['ms'], 3), impl=impl, **shape, **chunk)
+        record('loss_peak_over_liger', round(result['peak_GB'] / liger[V]['peak_GB'], 3), impl=impl, **shape,
+               **chunk)
 
 
 if __name__ == '__main__':

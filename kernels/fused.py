@@ -19,7 +19,7 @@ recomputes its logit blocks, so memory stays O(bT x bV) per block.
 
 The grid's second axis accumulates into its output block, which is sequential on
 TPUs (Mosaic, 'arbitrary' semantics) and in interpret mode; CPUs run the kernels in
-interpret mode, GPUs the loop-and-atomics shape of kernels.fused_gpu. Blocks may
+interpret mode. GPUs take another shape altogether (kernels.token_chunks). Blocks may
 overhang the arrays: rows and columns past the end are masked, so T and V need not
 be multiples of the block.
 """

@@ -1,55 +1,128 @@
-"""`token_losses`: the loss terms of every token, by the implementation the config names.
+"""The teacher-student loss by the implementation the config names.
 
-  xla     the chunked plain-JAX reference (kernels.reference), sharded by the compiler
-  pallas  the Pallas kernels with a custom VJP (kernels.fused on TPU, and in interpret
-          mode on CPU; kernels.fused_gpu through Triton on GPU), run per shard under
-          shard_map: tokens split over `token_axes`, the vocabulary over `vocab_axes`,
-          the shards' statistics combined with collectives
-  auto    pallas where the kernels have been compiled and timed on the device, the
-          reference elsewhere and wherever an option is one the kernels do not
-          support (the reason is logged once)
+  xla           the vocabulary-chunked plain-JAX reference (kernels.reference),
+                sharded by the compiler
+  pallas        the Pallas kernels with a custom VJP (kernels.fused: Mosaic on TPU,
+                interpret mode on CPU), run per shard under shard_map: tokens split
+                over `token_axes`, the vocabulary over `vocab_axes`, the shards'
+                statistics combined with collectives
+  token_chunks  tokens in chunks with the gradients in the forward pass
+                (kernels.token_chunks, shaped for GPUs), per shard likewise
+  auto          per backend, the implementation measured fastest there (FASTEST),
+                the reference where an option is one it does not support (the
+                reason is logged once)
 
-The kernels are tested in interpret mode and lowered for TPU (Mosaic) and an H100
-(Triton) on CPU, but neither has yet run on its device: until a session with the
-device compiles and times them (bench/kernel.py), `auto` uses the reference there
-and `pallas` opts in.
+`weighted_loss` is the trainer's entry point: the loss sum_t g_ce CE + g_kd KD, with
+the per-token terms as metrics. `token_losses` gives the per-token terms of xla or
+pallas, differentiable term by term.
 """
 
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from kernels import fused, fused_gpu, reference
+from kernels import fused, reference, token_chunks
 from kernels import stats as S
 from kernels.reference import TokenLosses
 
 log = logging.getLogger('salt')
-IMPLS = ('xla', 'pallas', 'auto')
-# Devices `auto` keeps on the reference until the kernels are compiled and timed there.
-NOT_YET_RUN = {
-    'tpu': 'the TPU kernels have not yet been compiled on a TPU (loss.impl=pallas opts in)',
-    'gpu': 'the GPU kernels have not yet been compiled on a GPU (loss.impl=pallas opts in)',
-}
+IMPLS = ('xla', 'pallas', 'token_chunks', 'auto')
+# Per backend, the implementation `auto` runs: the fastest measured there.
+#   gpu: one H200, 2026-11-26, T 8192, Ds 2048, Dt 1024, V 131,072, bf16, forward +
+#        backward (../shared/device/h200-2026-11-26.md): the token-chunk shape as a
+#        plain-JAX sketch 31.2 ms (1,024-token chunks), naive XLA 49.7, xla 67.3,
+#        pallas (Triton, since replaced by token_chunks) 390.9; Liger 41.5.
+#   tpu: not yet run on a TPU, so the reference; the Mosaic kernels opt in.
+#   cpu: the reference; the Pallas kernels only interpret there.
+FASTEST = {'gpu': 'token_chunks', 'tpu': 'xla', 'cpu': 'xla'}
 
 
-def unsupported(backend: str, teacher_top_k: int, widths: tuple[int, ...]) -> str | None:
-  """Why the Pallas kernels cannot run this call, or None."""
-  if backend not in ('tpu', 'gpu', 'cpu'):
-    return f'the Pallas kernels have no lowering for {backend}'
+def unsupported(impl: str, backend: str, teacher_top_k: int) -> str | None:
+  """Why `impl` cannot run this call on `backend`, or None."""
+  if impl == 'xla':
+    return None
+  if impl == 'pallas' and backend not in ('tpu', 'cpu'):
+    return f'the Pallas loss kernels run on tpu (and interpreted on cpu), not {backend}'
   if teacher_top_k:
-    return 'the Pallas kernels do not truncate the teacher (salt.teacher_top_k > 0)'
-  if backend == 'gpu' and any(d % 16 for d in widths):
-    return f'the GPU kernels need model widths that are multiples of 16, got {widths}'
+    return f'{impl} does not truncate the teacher (salt.teacher_top_k > 0)'
   return None
+
+
+def choose(impl: str, backend: str, teacher_top_k: int = 0) -> str:
+  """The implementation that will run: `impl`, or for `auto` FASTEST[backend] where it
+  can run the call and the reference where not (the reason logged once).
+
+  Raises ValueError when `impl` is unknown, or named and cannot run the call.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f'loss implementation {impl!r} must be one of {IMPLS}')
+  if impl != 'auto':
+    reason = unsupported(impl, backend, teacher_top_k)
+    if reason:
+      raise ValueError(reason)
+    return impl
+  fastest = FASTEST.get(backend, 'xla')
+  reason = unsupported(fastest, backend, teacher_top_k)
+  if reason:
+    _log_fallback(reason)
+    return 'xla'
+  return fastest
 
 
 @functools.cache
 def _log_fallback(reason: str) -> None:
-  log.info('loss: the plain-JAX reference instead of the Pallas kernels: %s', reason)
+  log.info('loss: the plain-JAX reference: %s', reason)
+
+
+def _backend(mesh: Mesh | None) -> str:
+  return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
+def weighted_loss(
+    h_s_TxD: jax.Array,
+    w_s_DxV: jax.Array,
+    targets_T: jax.Array,
+    teacher: tuple[jax.Array, jax.Array] | None,
+    g_ce_T: jax.Array,
+    g_kd_T: jax.Array | None = None,
+    *,
+    tau: float = 1.0,
+    teacher_top_k: int = 0,
+    impl: str = 'xla',
+    chunk: int = 8192,
+    block_t: int = 0,
+    block_v: int = 0,
+    chunk_tokens: int = 0,
+    mesh: Mesh | None = None,
+    token_axes: tuple[str, ...] = (),
+    vocab_axes: tuple[str, ...] = (),
+) -> tuple[jax.Array, TokenLosses]:
+  """sum_t g_ce[t] CE[t] + g_kd[t] KD[t], float32, and the per-token terms (no gradient).
+
+  Gradients flow to the student's hidden states and unembedding only; g_ce and g_kd
+  (float32 [T]: the mixing weight, the mask and the normaliser) are constants.
+  `chunk` is the reference's vocabulary chunk; `block_t` x `block_v` the Pallas
+  kernels' block; `chunk_tokens` token_chunks' chunk (0 for each: the default).
+  `mesh` and the axes say how pallas and token_chunks split the work.
+
+  Raises ValueError when `impl` is named and cannot run the call.
+  """
+  impl = choose(impl, _backend(mesh), teacher_top_k)
+  if g_kd_T is None or teacher is None:
+    g_kd_T = None
+  if impl == 'token_chunks':
+    return _token_chunk_loss(h_s_TxD, w_s_DxV, targets_T, teacher, g_ce_T, g_kd_T, tau=tau, chunk=chunk_tokens,
+                             mesh=mesh, token_axes=token_axes, vocab_axes=vocab_axes)
+  terms = token_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=tau, teacher_top_k=teacher_top_k, impl=impl,
+                       chunk=chunk, block_t=block_t, block_v=block_v, mesh=mesh, token_axes=token_axes,
+                       vocab_axes=vocab_axes)
+  loss = (g_ce_T * terms.ce).sum() + (0.0 if g_kd_T is None else (g_kd_T * terms.kd).sum())
+  return loss, jax.lax.stop_gradient(terms)
 
 
 def token_losses(
@@ -69,7 +142,8 @@ def token_losses(
     token_axes: tuple[str, ...] = (),
     vocab_axes: tuple[str, ...] = (),
 ) -> TokenLosses:
-  """Per-token CE (and KD, teacher CE, top-1 agreement with a teacher), float32 [T].
+  """Per-token CE (and KD, teacher CE, top-1 agreement with a teacher), float32 [T],
+  by `xla` or `pallas`, each term differentiable.
 
   Gradients flow to the student's hidden states and unembedding only. Tokens where
   `mask_T` is 0 get zero terms (and so no gradient). `chunk` is the reference's
@@ -77,19 +151,11 @@ def token_losses(
   default). `mesh` and the axes say how the Pallas path splits the work (no mesh:
   one shard).
   """
-  if impl not in IMPLS:
-    raise ValueError(f'impl={impl!r} must be one of {IMPLS}')
-  backend = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-  if impl != 'xla':
-    widths = (h_s_TxD.shape[1],) + (() if teacher is None else (teacher[0].shape[1],))
-    reason = unsupported(backend, teacher_top_k, widths)
-    if impl == 'pallas' and reason:
-      raise ValueError(f'impl=pallas: {reason}')
-    if impl == 'auto':
-      reason = reason or NOT_YET_RUN.get(backend)
-      impl = 'pallas' if backend != 'cpu' and not reason else 'xla'
-      if reason:
-        _log_fallback(reason)
+  if impl not in ('xla', 'pallas'):
+    raise ValueError(f'token_losses runs xla or pallas, not {impl!r}; weighted_loss runs every implementation')
+  backend = _backend(mesh)
+  if impl == 'pallas':
+    choose(impl, backend, teacher_top_k)
   if impl == 'xla':
     out = reference.token_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=tau, teacher_top_k=teacher_top_k,
                                  chunk=chunk)
@@ -102,26 +168,74 @@ def token_losses(
   return TokenLosses(*(None if x is None else jnp.where(keep, x, 0.0) for x in out))
 
 
+def _local(targets, w_s, vocab_axes):
+  """This shard's first column, and the targets as its column ids (-1: another shard's)."""
+  offset = jax.lax.axis_index(vocab_axes) * w_s.shape[1] if vocab_axes else 0
+  ids = targets - offset
+  return offset, jnp.where((ids >= 0) & (ids < w_s.shape[1]), ids, -1)
+
+
+def _token_chunk_loss(h_s, w_s, targets, teacher, g_ce, g_kd, *, tau, chunk, mesh, token_axes, vocab_axes):
+  h_t, w_t = jax.tree.map(jax.lax.stop_gradient, teacher) if teacher is not None else (None, None)
+  if not chunk:
+    V = w_s.shape[1] // (1 if mesh is None else math.prod(mesh.shape[a] for a in vocab_axes))
+    chunk = token_chunks.default_chunk(V, jnp.dtype(h_s.dtype).itemsize, teacher is not None)
+
+  def shard(h_s, w_s, targets, h_t, w_t, g_ce, g_kd, gradients):
+    offset, ids = _local(targets, w_s, vocab_axes)
+    stats, dh, dw = token_chunks.losses_and_gradients(
+        h_s, w_s, ids, None if h_t is None else (h_t, w_t), g_ce, g_kd, tau=tau, chunk=chunk,
+        gradients=gradients, vocab_axes=vocab_axes, offset=offset)
+    if not gradients:
+      return stats
+    return stats, dh, jax.lax.psum(dw, token_axes) if token_axes else dw
+
+  shard_stats = functools.partial(shard, gradients=False)
+  shard_all = functools.partial(shard, gradients=True)
+  if mesh is not None:
+    tok, voc = token_axes or None, vocab_axes or None
+    teacher_specs = (P(tok, None), P(None, voc)) if h_t is not None else (None, None)
+    in_specs = (P(tok, None), P(None, voc), P(tok), *teacher_specs, P(tok), None if g_kd is None else P(tok))
+    shard_stats = jax.shard_map(shard_stats, mesh=mesh, in_specs=in_specs, out_specs=P(tok, None), check_vma=False)
+    shard_all = jax.shard_map(shard_all, mesh=mesh, in_specs=in_specs,
+                              out_specs=(P(tok, None), P(tok, None), P(None, voc)), check_vma=False)
+
+  def total(stats, g_ce, g_kd):
+    terms = S.losses(stats)
+    return (g_ce * terms.ce).sum() + (0.0 if g_kd is None else (g_kd * terms.kd).sum())
+
+  # The statistics are an output so that the terms can be reported; they carry no
+  # gradient (stop_gradient below), so their cotangent is zero and is not used.
+  @jax.custom_vjp
+  def loss(h_s, w_s, targets, h_t, w_t, g_ce, g_kd):
+    stats = shard_stats(h_s, w_s, targets, h_t, w_t, g_ce, g_kd)
+    return total(stats, g_ce, g_kd), stats
+
+  def forward(h_s, w_s, targets, h_t, w_t, g_ce, g_kd):
+    stats, dh, dw = shard_all(h_s, w_s, targets, h_t, w_t, g_ce, g_kd)
+    return (total(stats, g_ce, g_kd), stats), (dh, dw)
+
+  def backward(residuals, cotangents):
+    (dh, dw), (g_loss, _) = residuals, cotangents
+    return (g_loss * dh).astype(dh.dtype), (g_loss * dw).astype(dw.dtype), None, None, None, None, None
+
+  loss.defvjp(forward, backward)
+  value, stats = loss(h_s, w_s, targets, h_t, w_t, g_ce, g_kd)
+  return value, S.losses(jax.lax.stop_gradient(stats))
+
+
 def _pallas_losses(h_s, w_s, targets, teacher, *, tau, blocks, backend, mesh, token_axes, vocab_axes):
-  if backend == 'gpu':
-    kernels, kernel_args = fused_gpu, dict(interpret=False)
-  else:
-    kernels, kernel_args = fused, dict(backend=backend)
-  block_t, block_v = (b or default for b, default in zip(blocks, kernels.BLOCK))
+  kernel_args = dict(backend=backend)
+  block_t, block_v = (b or default for b, default in zip(blocks, fused.BLOCK))
   kernel_args.update(tau=tau, block_t=block_t, block_v=block_v)
   h_t, w_t = jax.tree.map(jax.lax.stop_gradient, teacher) if teacher is not None else (None, None)
-
-  def local(targets, w_s):
-    """This shard's first column, and the targets as its column ids (-1: another shard's)."""
-    offset = jax.lax.axis_index(vocab_axes) * w_s.shape[1] if vocab_axes else 0
-    ids = targets - offset
-    return offset, jnp.where((ids >= 0) & (ids < w_s.shape[1]), ids, -1)
+  local = functools.partial(_local, vocab_axes=vocab_axes)
 
   def shard_stats(h_s, w_s, targets, h_t, w_t):
     """Statistics over all columns, for this shard's tokens."""
     offset, ids = local(targets, w_s)
     local_teacher = None if h_t is None else (h_t, w_t)
-    stats = kernels.partial_stats(h_s, w_s, ids, local_teacher, **kernel_args)
+    stats = fused.partial_stats(h_s, w_s, ids, local_teacher, **kernel_args)
     if vocab_axes:
       best = [S.S_BEST, S.T_BEST][:1 if h_t is None else 2]
       stats = S.combine(stats.at[:, best].add(offset), vocab_axes)
@@ -130,7 +244,7 @@ def _pallas_losses(h_s, w_s, targets, teacher, *, tau, blocks, backend, mesh, to
   def shard_gradients(h_s, w_s, targets, h_t, w_t, coef):
     _, ids = local(targets, w_s)
     local_teacher = None if h_t is None else (h_t, w_t)
-    dh, dw = kernels.gradients(h_s, w_s, ids, local_teacher, coef, **kernel_args)
+    dh, dw = fused.gradients(h_s, w_s, ids, local_teacher, coef, **kernel_args)
     if vocab_axes:
       dh = jax.lax.psum(dh, vocab_axes)
     if token_axes:

@@ -13,8 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kernels import fused, fused_gpu, losses, reference, token_losses
-from kernels import stats as S
+from kernels import fused, losses, token_losses, weighted_loss
 from trainer import sharding
 
 # T and V are not multiples of the blocks below, so every last block overhangs.
@@ -96,61 +95,17 @@ def test_vocabulary_split_over_tensor_and_tokens_over_data_fsdp(with_teacher):
     np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6)
 
 
-def test_auto_falls_back_to_the_reference_for_teacher_top_k_and_says_so(monkeypatch, caplog):
-  h_s, w_s, targets, teacher, _ = inputs()
-  monkeypatch.setattr(losses.jax, 'default_backend', lambda: 'tpu')  # where auto would pick pallas
+def test_auto_falls_back_to_the_reference_for_teacher_top_k_and_says_so(caplog):
+  h_s, w_s, targets, teacher, mask = inputs()
+  losses._log_fallback.cache_clear()
   with caplog.at_level(logging.INFO, logger='salt'):
-    got = token_losses(h_s, w_s, targets, teacher, teacher_top_k=5, impl='auto', chunk=128)
-  assert 'do not truncate the teacher (salt.teacher_top_k > 0)' in caplog.text
-  want = token_losses(h_s, w_s, targets, teacher, teacher_top_k=5, impl='xla', chunk=128)
-  np.testing.assert_array_equal(got.kd, want.kd)
-  with pytest.raises(ValueError, match='impl=pallas: the Pallas kernels do not truncate the teacher'):
-    token_losses(h_s, w_s, targets, teacher, teacher_top_k=5, impl='pallas')
-  assert 'multiples of 16, got (24, 16)' in losses.unsupported('gpu', 0, (24, 16))
-
-
-@pytest.mark.parametrize('with_teacher', [False, True])
-def test_the_gpu_kernels_equal_the_reference_in_interpret_mode(with_teacher):
-  """The Triton-shaped kernels: statistics, and gradients for arbitrary cotangents."""
-  h_s, w_s, targets, teacher, _ = inputs()
-  h_s = jnp.concatenate([h_s, h_s[:, :8]], axis=1)  # a width that is a multiple of 16
-  w_s = jnp.concatenate([w_s, w_s[:8]], axis=0)
-  teacher = teacher if with_teacher else None
-  stats = fused_gpu.partial_stats(h_s, w_s, targets, teacher, tau=2.0, interpret=True, **BLOCKS)
-  want = reference.token_losses(h_s, w_s, targets, teacher, tau=2.0, chunk=128)
-  for got, expected in zip(S.losses(stats), want):
-    if expected is not None:
-      np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
-  g_ce, g_kd = jnp.linspace(0.0, 1.0, T), (jnp.linspace(1.0, 0.0, T) if with_teacher else None)
-  coef = S.backward_coefficients(stats, g_ce, g_kd, 2.0)
-  got = fused_gpu.gradients(h_s, w_s, targets, teacher, coef, tau=2.0, interpret=True, **BLOCKS)
-
-  def weighted(h_s, w_s):
-    terms = reference.token_losses(h_s, w_s, targets, teacher, tau=2.0, chunk=128)
-    return (g_ce * terms.ce).sum() + (0.0 if teacher is None else (g_kd * terms.kd).sum())
-
-  for g, r in zip(got, jax.grad(weighted, (0, 1))(h_s, w_s)):
-    np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6)
-
-
-def test_the_gpu_kernels_lower_to_triton_for_an_h100():
-  """Lowered for an abstract H100 without a GPU; Triton compiles the IR on the device."""
-  from jax._src.mesh import AbstractDevice  # the public API takes it but does not export it
-
-  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
-  t, d, e, v = 512, 256, 128, 1024
-  args = (shape(t, d), shape(d, v), shape(t, dtype=jnp.int32), (shape(t, e), shape(e, v)))
-  kw = dict(tau=2.0, block_t=64, block_v=128, interpret=False)
-
-  def forward_and_backward(h_s, w_s, targets, teacher, coef):
-    return (fused_gpu.partial_stats(h_s, w_s, targets, teacher, **kw),
-            fused_gpu.gradients(h_s, w_s, targets, teacher, coef, **kw))
-
-  h100 = AbstractDevice(device_kind='NVIDIA H100 80GB HBM3', num_cores=132, platform='cuda')
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h100)):
-    lowered = jax.jit(forward_and_backward).trace(*args, shape(t, 5, dtype=jnp.float32)).lower(
-        lowering_platforms=('cuda',))
-  assert lowered.as_text().count('__gpu$xla.gpu.triton') == 2
+    assert losses.choose('auto', 'gpu', teacher_top_k=5) == 'xla'
+  assert 'token_chunks does not truncate the teacher (salt.teacher_top_k > 0)' in caplog.text
+  assert losses.choose('auto', 'gpu') == 'token_chunks'
+  with pytest.raises(ValueError, match='pallas does not truncate the teacher'):
+    weighted_loss(h_s, w_s, targets, teacher, mask, mask, teacher_top_k=5, impl='pallas')
+  with pytest.raises(ValueError, match='the Pallas loss kernels run on tpu'):
+    losses.choose('pallas', 'gpu')
 
 
 @pytest.mark.parametrize('with_teacher', [False, True])

@@ -174,16 +174,17 @@ def test_stage_one_reads_the_selected_records(tiny_data, teacher_path, tmp_path)
   assert written['selection']['records'] == kept.size == round(0.25 * np.isfinite(fake_scores).sum())
 
 
-def test_train_steps_with_the_pallas_kernels_equal_those_with_the_reference(tiny_data, teacher_path):
+@pytest.mark.parametrize('impl', ['pallas', 'token_chunks'])
+def test_train_steps_with_each_loss_kernel_equal_those_with_the_reference(tiny_data, teacher_path, impl):
   """Both stages on a (2, 2, 2) mesh, the vocabulary split over `tensor`: loss, metrics, parameters."""
   manifest = data.read_manifest(tiny_data)
   stream = data.TokenStream(tiny_data, 'train', 32)
   batch = {k: np.stack([data.to_model_inputs(stream.row(r))[k] for r in range(8)]) for k in step.BATCH_KEYS}
   results = {}
-  for impl in ('xla', 'pallas'):
+  for name in ('xla', impl):
     config = salt_config(tiny_data, teacher_path, tau=2.0)
     config.mesh.update(data=2, fsdp=2, tensor=2)
-    config.loss.update(impl=impl, block_tokens=16, block_vocab=128)
+    config.loss.update(impl=name, block_tokens=16, block_vocab=128, chunk_tokens=16)
     mesh = sharding.make_mesh(mesh_shape(config.mesh, jax.device_count()))
     program = train.build(config, mesh, np.ones(320, np.int32))
     teacher = salt.load_teacher(teacher_path, mesh, sharding.parse_rules(config.sharding),
@@ -191,6 +192,6 @@ def test_train_steps_with_the_pallas_kernels_equal_those_with_the_reference(tiny
     global_batch = sharding.host_batch_to_global(batch, program.batch_sharding)
     state, stage1 = program.distillation_step(teacher)(program.init(0), global_batch, teacher.params)
     state, stage2 = program.train_step(state, global_batch)
-    results[impl] = jax.device_get((stage1, stage2, state.params))
-  for got, want in zip(jax.tree.leaves(results['pallas']), jax.tree.leaves(results['xla'])):
+    results[name] = jax.device_get((stage1, stage2, state.params))
+  for got, want in zip(jax.tree.leaves(results[impl]), jax.tree.leaves(results['xla'])):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -95,10 +95,14 @@ def defaults() -> ml_collections.ConfigDict:
       impl='auto',
   )
   c.loss = dict(
-      impl='auto',  # one of kernels.IMPLS: xla (chunked reference), pallas (fused kernels), auto
+      # One of kernels.IMPLS: xla (vocabulary-chunked reference), pallas (fused TPU
+      # kernels), token_chunks (tokens in chunks, shaped for GPUs), auto (per device,
+      # the fastest measured: kernels.losses.FASTEST).
+      impl='auto',
       vocab_chunk=8192,  # the reference's vocabulary chunk
       block_tokens=0,  # the Pallas kernels' block, tokens x vocabulary columns (0: the kernels' default)
       block_vocab=0,
+      chunk_tokens=0,  # token_chunks' chunk (0: the largest power of two within its memory budget)
   )
   # Stage 1 is steps [0, salt.n_kd): it distills from `teacher` when one is set and
   # reads only the records data.selection keeps when scores are given. Stage 2 is
@@ -287,7 +291,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   ls = config.loss
   _require(ls.impl in IMPLS, f'loss.impl={ls.impl!r} must be one of {IMPLS}')
   _require(ls.vocab_chunk > 0, f'loss.vocab_chunk={ls.vocab_chunk} must be positive')
-  for key in ('block_tokens', 'block_vocab'):
+  for key in ('block_tokens', 'block_vocab', 'chunk_tokens'):
     _require(ls[key] >= 0 and not ls[key] & (ls[key] - 1),
              f'loss.{key}={ls[key]} must be a power of two (or 0 for the kernels\' default)')
   _require(d.seq_len > 0, f'data.seq_len={d.seq_len} must be positive')

@@ -23,9 +23,10 @@ from trainer import sharding
 from trainer.model import ModelConfig, Transformer
 
 Batch = dict[str, jax.Array]
-# (h [T, D], unembedding [D, V], targets [T], teacher (h_t, unembedding_t) | None, tau=, teacher_top_k=)
-# -> TokenLosses: kernels.token_losses with the config's implementation and mesh bound.
-LossFn = Callable[..., TokenLosses]
+# (h [T, D], unembedding [D, V], targets [T], teacher (h_t, unembedding_t) | None, g_ce [T], g_kd [T] | None,
+#  tau=, teacher_top_k=) -> (sum_t g_ce CE + g_kd KD, TokenLosses): kernels.weighted_loss with the
+# config's implementation and mesh bound.
+LossFn = Callable[..., tuple[jax.Array, TokenLosses]]
 
 
 @flax.struct.dataclass
@@ -90,15 +91,8 @@ def _hidden(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
   return h_BxLxD.reshape(-1, h_BxLxD.shape[-1]), model.unembedding()
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, losses: LossFn,
-                 attention: Attention) -> jax.Array:
-  """Per-token next-token cross-entropy, [B, L] float32 (padding included; weight it)."""
-  h, unembedding = _hidden(graphdef, params, batch, attention)
-  return losses(h, unembedding, batch['targets'].reshape(-1)).ce.reshape(batch['targets'].shape)
-
-
 def _weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
-  return (x.reshape(weights.shape) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  return (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -113,17 +107,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
   def loss_fn(params, batch, teacher_params, step_number):
     h, unembedding = _hidden(graphdef, params, batch, attention)
-    targets, weights = batch['targets'].reshape(-1), batch['weights']
+    targets, weights = batch['targets'].reshape(-1), batch['weights'].reshape(-1)
+    # Each token's share of the mean: the loss kernels take it as a constant.
+    share = weights / jnp.maximum(weights.sum(), 1.0)
     if distillation is None:
-      ce = _weighted_mean(losses(h, unembedding, targets).ce, weights)
+      ce, _ = losses(h, unembedding, targets, None, share)
       return ce, {'ce': ce}
     h_t, unembedding_t = _hidden(distillation.teacher_graphdef, teacher_params, batch,
                                  distillation.teacher_attention)
-    terms = losses(h, unembedding, targets, (h_t, unembedding_t), tau=distillation.tau,
-                   teacher_top_k=distillation.teacher_top_k)
     w = distillation.weight(step_number)
-    kd = terms.kd * distillation.tau ** 2 if distillation.tau_squared else terms.kd
-    loss = _weighted_mean((1 - w) * terms.ce + w * kd, weights)
+    kd_scale = distillation.tau ** 2 if distillation.tau_squared else 1.0
+    loss, terms = losses(h, unembedding, targets, (h_t, unembedding_t), (1 - w) * share, w * kd_scale * share,
+                         tau=distillation.tau, teacher_top_k=distillation.teacher_top_k)
     return loss, {'ce': _weighted_mean(terms.ce, weights), 'kd': _weighted_mean(terms.kd, weights), 'w': w,
                   'teacher_ce': _weighted_mean(terms.teacher_ce, weights),
                   'top1_agreement': _weighted_mean(terms.agree, weights)}
@@ -151,9 +146,10 @@ def make_eval_step(graphdef: nnx.GraphDef, losses: LossFn, attention: Attention,
 
   def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
     weights = batch['weights']
-    per_token = token_losses(graphdef, params, batch, losses, attention)
+    h, unembedding = _hidden(graphdef, params, batch, attention)
+    loss_sum, _ = losses(h, unembedding, batch['targets'].reshape(-1), None, weights.reshape(-1))
     return {
-        'loss_sum': (per_token * weights).sum(),
+        'loss_sum': loss_sum,
         'tokens': weights.sum(),
         'bytes': (jnp.asarray(token_bytes)[batch['targets']] * weights).sum(),
     }

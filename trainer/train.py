@@ -95,11 +95,19 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
   return sharding.make_mesh(mesh_shape(config.mesh, count), devices, dcn_data=config.mesh.dcn_data)
 
 
-def loss_fn(loss: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules) -> step.LossFn:
-  """The loss kernels as the config sets them: tokens split like the batch, the vocabulary like `vocab`."""
-  return functools.partial(kernels.token_losses, impl=loss.impl, chunk=loss.vocab_chunk,
-                           block_t=loss.block_tokens, block_v=loss.block_vocab, mesh=mesh,
-                           token_axes=rules['batch'], vocab_axes=rules['vocab'])
+def loss_fn(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules) -> step.LossFn:
+  """The loss kernels as the config sets them: tokens split like the batch, the vocabulary like `vocab`.
+
+  Raises UserError when loss.impl is named and cannot run on this mesh's devices.
+  """
+  loss = config.loss
+  try:
+    kernels.losses.choose(loss.impl, mesh.devices.flat[0].platform, config.salt.teacher_top_k)
+  except ValueError as e:
+    raise UserError(f'loss.impl={loss.impl!r}: {e}; loss.impl=auto picks one that can') from None
+  return functools.partial(kernels.weighted_loss, impl=loss.impl, chunk=loss.vocab_chunk,
+                           block_t=loss.block_tokens, block_v=loss.block_vocab, chunk_tokens=loss.chunk_tokens,
+                           mesh=mesh, token_axes=rules['batch'], vocab_axes=rules['vocab'])
 
 
 def attention_fn(impl: str, cfg: ModelConfig, seq_len: int, mesh: Mesh, rules: sharding.Rules) -> attention.Attention:
@@ -129,7 +137,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
   graphdef, abstract_params = step.abstract_model(model_cfg)
   shardings = step.state_shardings(abstract_params, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  losses = loss_fn(config.loss, mesh, rules)
+  losses = loss_fn(config, mesh, rules)
   seq_len = config.data.seq_len
   attend = attention_fn(config.attention.impl, model_cfg, seq_len, mesh, rules)
   skip_nonfinite = config.nonfinite == 'skip'
