@@ -1,16 +1,20 @@
 # `make demo` trains the demo model on the embedded Shakespeare corpus;
 # `make test` runs the test suite on 8 simulated CPU devices.
 # Both create (or reuse) .venv and install salt into it first.
+# `make test-tpu` compiles real TPU programs on this CPU machine (tests/tpu) in .venv-tpu,
+# which holds salt with libtpu (the `tpu` extra, ~690 MB).
 
 VENV := .venv
 STAMP := $(VENV)/.installed
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed
 # The first interpreter that is Python >= 3.12; pyenv users get it from .python-version.
 PYTHON := $(shell for p in python3 python3.13 python3.12 python; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
 	&& { echo $$p; break; }; done)
 WORKDIR ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test test-tpu install clean
 
 install: $(STAMP)
 
@@ -30,5 +34,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest
 
+$(TPU_STAMP): pyproject.toml $(STAMP)
+	@[ -x $(TPU_VENV)/bin/python ] || $(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install --quiet -e '.[tpu,test]'
+	@touch $@
+
+test-tpu: $(TPU_STAMP)
+	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -m pytest tests/tpu
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TPU_VENV) runs

@@ -33,13 +33,37 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import stats as S
 
-# Tokens x vocabulary columns: MXU-sized tiles that leave VMEM room for double buffering.
-BLOCK = (256, 512)
+# Tokens x vocabulary columns, largest first: the first that fits the generation's
+# VMEM (kernels.tpu.vmem_limit) is used; the largest is MXU-sized and leaves room for
+# double buffering at widths up to ~2K.
+BLOCKS = ((256, 512), (128, 512), (128, 256), (64, 256), (64, 128), (32, 128), (16, 128))
+BLOCK = BLOCKS[0]
 
 
-def _platform_params(backend: str, semantics: tuple[str, ...]):
+def vmem_bytes(block_t: int, block_v: int, widths: tuple[int, ...], itemsize: int) -> int:
+  """A bound on the scoped VMEM the largest of the three kernels asks for at this block.
+
+  widths: the student's and (with a teacher) the teacher's. Inputs are double-buffered;
+  [bT, 1] columns are padded to 128 lanes; the float32 dh or dW output block stays
+  resident; the float32 logits of a block and their elementwise temporaries are
+  counted a dozen times over.
+  """
+  bT, bV, D = block_t, block_v, sum(widths)
+  inputs = 2 * itemsize * (bT + bV) * D
+  columns = 3 * 2 * bT * 128 * 4
+  resident = 2 * 4 * max(bT, bV) * widths[0]
+  working = 12 * 4 * bT * bV
+  return inputs + columns + resident + working
+
+
+def fitting_block(widths: tuple[int, ...], itemsize: int, limit: int) -> tuple[int, int] | None:
+  """The largest of BLOCKS whose kernels fit `limit` bytes of VMEM, or None."""
+  return next((b for b in BLOCKS if vmem_bytes(*b, widths, itemsize) <= limit), None)
+
+
+def _platform_params(backend: str, semantics: tuple[str, ...], vmem_limit: int | None):
   if backend == 'tpu':
-    return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
+    return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=vmem_limit))
   return dict(interpret=True)
 
 
@@ -134,7 +158,7 @@ def _specs(token_major: bool, bT: int, bV: int, D: int, E: int | None):
 
 
 def partial_stats(h_s, w_s, targets, teacher, *, tau: float, block_t: int, block_v: int,
-                  backend: str) -> jax.Array:
+                  backend: str, vmem_limit: int | None = None) -> jax.Array:
   """[T, K] statistics over the columns of w_s (targets and argmax relative to its first column)."""
   T, D = h_s.shape
   V = w_s.shape[1]
@@ -148,12 +172,12 @@ def partial_stats(h_s, w_s, targets, teacher, *, tau: float, block_t: int, block
       in_specs=specs,
       out_specs=pl.BlockSpec((bT, width), tok),
       out_shape=jax.ShapeDtypeStruct((T, width), jnp.float32),
-      **_platform_params(backend, ('parallel', 'arbitrary')),
+      **_platform_params(backend, ('parallel', 'arbitrary'), vmem_limit),
   )(targets.reshape(T, 1), h_s, w_s, *(teacher or ()))
 
 
 def gradients(h_s, w_s, targets, teacher, coef, *, tau: float, block_t: int, block_v: int,
-              backend: str) -> tuple[jax.Array, jax.Array]:
+              backend: str, vmem_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
   """(dh_s [T, D], dW_s [D, V]) in float32 for this shard, from the per-token coefficients."""
   T, D = h_s.shape
   V = w_s.shape[1]
@@ -170,11 +194,11 @@ def gradients(h_s, w_s, targets, teacher, coef, *, tau: float, block_t: int, blo
       functools.partial(_gradient_kernel, *kernel_args, 'h'), grid=(pl.cdiv(T, bT), pl.cdiv(V, bV)),
       in_specs=with_coef(specs, tok), out_specs=pl.BlockSpec((bT, D), tok),
       out_shape=jax.ShapeDtypeStruct((T, D), jnp.float32),
-      **_platform_params(backend, ('parallel', 'arbitrary')))(*args)
+      **_platform_params(backend, ('parallel', 'arbitrary'), vmem_limit))(*args)
   specs, tok, voc = _specs(False, bT, bV, D, E)
   dw = pl.pallas_call(
       functools.partial(_gradient_kernel, *kernel_args, 'w'), grid=(pl.cdiv(V, bV), pl.cdiv(T, bT)),
       in_specs=with_coef(specs, tok), out_specs=pl.BlockSpec((D, bV), voc),
       out_shape=jax.ShapeDtypeStruct((D, V), jnp.float32),
-      **_platform_params(backend, ('parallel', 'arbitrary')))(*args)
+      **_platform_params(backend, ('parallel', 'arbitrary'), vmem_limit))(*args)
   return dh, dw

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from kernels import fused, reference, token_chunks
+from kernels import fused, reference, token_chunks, tpu
 from kernels import stats as S
 from kernels.reference import TokenLosses
 
@@ -42,32 +42,40 @@ IMPLS = ('xla', 'pallas', 'token_chunks', 'auto')
 FASTEST = {'gpu': 'token_chunks', 'tpu': 'xla', 'cpu': 'xla'}
 
 
-def unsupported(impl: str, backend: str, teacher_top_k: int) -> str | None:
-  """Why `impl` cannot run this call on `backend`, or None."""
+def unsupported(impl: str, backend: str, teacher_top_k: int = 0, *, device_kind: str = '',
+                widths: tuple[int, ...] = (), itemsize: int = 2) -> str | None:
+  """Why `impl` cannot run this call, or None. `widths`: the student's and the
+  teacher's; with `device_kind` (a TPU's), the Pallas kernels' VMEM is checked."""
   if impl == 'xla':
     return None
   if impl == 'pallas' and backend not in ('tpu', 'cpu'):
     return f'the Pallas loss kernels run on tpu (and interpreted on cpu), not {backend}'
   if teacher_top_k:
     return f'{impl} does not truncate the teacher (salt.teacher_top_k > 0)'
+  limit = tpu.vmem_limit(device_kind)
+  if impl == 'pallas' and limit and widths and not fused.fitting_block(widths, itemsize, limit):
+    need = fused.vmem_bytes(*fused.BLOCKS[-1], widths, itemsize) / tpu.MiB
+    return (f'the Pallas loss kernels need {need:.0f} MiB of VMEM at widths {widths} even at their smallest block, '
+            f'more than the {limit / tpu.MiB:.0f} MiB of a {device_kind} core')
   return None
 
 
-def choose(impl: str, backend: str, teacher_top_k: int = 0) -> str:
+def choose(impl: str, backend: str, teacher_top_k: int = 0, **shape) -> str:
   """The implementation that will run: `impl`, or for `auto` FASTEST[backend] where it
-  can run the call and the reference where not (the reason logged once).
+  can run the call and the reference where not (the reason logged once). `shape`:
+  the keywords of `unsupported` that describe the call.
 
   Raises ValueError when `impl` is unknown, or named and cannot run the call.
   """
   if impl not in IMPLS:
     raise ValueError(f'loss implementation {impl!r} must be one of {IMPLS}')
   if impl != 'auto':
-    reason = unsupported(impl, backend, teacher_top_k)
+    reason = unsupported(impl, backend, teacher_top_k, **shape)
     if reason:
       raise ValueError(reason)
     return impl
   fastest = FASTEST.get(backend, 'xla')
-  reason = unsupported(fastest, backend, teacher_top_k)
+  reason = unsupported(fastest, backend, teacher_top_k, **shape)
   if reason:
     _log_fallback(reason)
     return 'xla'
@@ -79,8 +87,14 @@ def _log_fallback(reason: str) -> None:
   log.info('loss: the plain-JAX reference: %s', reason)
 
 
-def _backend(mesh: Mesh | None) -> str:
-  return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+def _device(mesh: Mesh | None) -> jax.Device:
+  return jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+
+
+def _shape(h_s: jax.Array, teacher, mesh: Mesh | None) -> dict:
+  """The keywords of `unsupported` for this call."""
+  return dict(device_kind=_device(mesh).device_kind, itemsize=jnp.dtype(h_s.dtype).itemsize,
+              widths=(h_s.shape[1],) + (() if teacher is None else (teacher[0].shape[1],)))
 
 
 def weighted_loss(
@@ -112,7 +126,7 @@ def weighted_loss(
 
   Raises ValueError when `impl` is named and cannot run the call.
   """
-  impl = choose(impl, _backend(mesh), teacher_top_k)
+  impl = choose(impl, _device(mesh).platform, teacher_top_k, **_shape(h_s_TxD, teacher, mesh))
   if g_kd_T is None or teacher is None:
     g_kd_T = None
   if impl == 'token_chunks':
@@ -153,15 +167,15 @@ def token_losses(
   """
   if impl not in ('xla', 'pallas'):
     raise ValueError(f'token_losses runs xla or pallas, not {impl!r}; weighted_loss runs every implementation')
-  backend = _backend(mesh)
+  backend = _device(mesh).platform
   if impl == 'pallas':
-    choose(impl, backend, teacher_top_k)
+    choose(impl, backend, teacher_top_k, **_shape(h_s_TxD, teacher, mesh))
   if impl == 'xla':
     out = reference.token_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=tau, teacher_top_k=teacher_top_k,
                                  chunk=chunk)
   else:
     out = _pallas_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=tau, blocks=(block_t, block_v),
-                         backend=backend, mesh=mesh, token_axes=token_axes, vocab_axes=vocab_axes)
+                         device=_device(mesh), mesh=mesh, token_axes=token_axes, vocab_axes=vocab_axes)
   if mask_T is None:
     return out
   keep = mask_T > 0
@@ -224,11 +238,16 @@ def _token_chunk_loss(h_s, w_s, targets, teacher, g_ce, g_kd, *, tau, chunk, mes
   return value, S.losses(jax.lax.stop_gradient(stats))
 
 
-def _pallas_losses(h_s, w_s, targets, teacher, *, tau, blocks, backend, mesh, token_axes, vocab_axes):
-  kernel_args = dict(backend=backend)
-  block_t, block_v = (b or default for b, default in zip(blocks, fused.BLOCK))
-  kernel_args.update(tau=tau, block_t=block_t, block_v=block_v)
+def _pallas_losses(h_s, w_s, targets, teacher, *, tau, blocks, device, mesh, token_axes, vocab_axes):
+  vmem_limit = tpu.vmem_limit(device.device_kind)
+  widths = (h_s.shape[1],) + (() if teacher is None else (teacher[0].shape[1],))
+  fitting = fused.fitting_block(widths, jnp.dtype(h_s.dtype).itemsize, vmem_limit) if vmem_limit else fused.BLOCK
+  block_t, block_v = (b or default for b, default in zip(blocks, fitting))
+  kernel_args = dict(backend=device.platform, vmem_limit=vmem_limit, tau=tau, block_t=block_t, block_v=block_v)
+  # The kernels multiply in the hidden states' dtype (bf16 on the MXU, half the VMEM).
+  w_s = w_s.astype(h_s.dtype)
   h_t, w_t = jax.tree.map(jax.lax.stop_gradient, teacher) if teacher is not None else (None, None)
+  w_t = None if w_t is None else w_t.astype(h_t.dtype)
   local = functools.partial(_local, vocab_axes=vocab_axes)
 
   def shard_stats(h_s, w_s, targets, h_t, w_t):

@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import tiny_config
 from trainer import cli, dryrun
+from trainer import config as config_lib
 from trainer.model import ModelConfig, flops_per_token
 
 HUGE = ['--config.model.d_model=8192', '--config.model.n_layers=48', '--config.model.d_ff=32768',
@@ -79,3 +80,31 @@ def test_a_topology_without_libtpu_is_a_clear_error(config_file, capsys):
                                                 (48, 3, None)])
 def test_slice_shapes(chips, dims, shape):
   assert dryrun._torus(chips, dims) == shape
+
+
+def test_the_prediction_counts_recomputation_the_teacher_and_every_stage_s_steps(config_file, tmp_path,
+                                                                                monkeypatch, capsys):
+  """At a peak of 1 TFLOP/s a device: stage 1 adds the teacher's forward pass (a third of its
+  training FLOPs), recomputing everything (save_nothing) costs more than keeping the
+  matmuls and the attention, and the run's hours are stage 1's steps plus stage 2's."""
+  monkeypatch.setattr(dryrun, 'peak_flops', lambda device: 1e12)  # a CPU has no known peak
+  teacher = f'{config_file}:slm'
+  stages = {}
+  for remat in ('save_matmuls_and_attention', 'save_nothing'):
+    config = config_lib.load(config_file, [f'--config.model.remat={remat}', f'--config.salt.teacher={tmp_path}/t',
+                                           '--config.salt.n_kd=10'])
+    stages[remat] = dryrun.run(config, steps=1, teacher_spec=teacher)['stages']
+  cfg, slm = ModelConfig(**tiny_config().model), ModelConfig(**config_lib.load(teacher).model)
+  tokens = 8 * 32
+  kept = stages['save_matmuls_and_attention']
+  assert kept['stage 2']['min_step_seconds'] * 8e12 == pytest.approx(flops_per_token(cfg, 32) * tokens)
+  assert kept['stage 1 (distillation)']['min_step_seconds'] * 8e12 == pytest.approx(
+      (flops_per_token(cfg, 32) + flops_per_token(slm, 32) / 3) * tokens)
+  assert kept['stage 2']['max_mfu'] == 1.0
+  redone = stages['save_nothing']['stage 2']
+  assert redone['min_step_seconds'] > kept['stage 2']['min_step_seconds'] and redone['max_mfu'] < 1.0
+  assert kept['stage 2']['min_hours'] == pytest.approx(kept['stage 2']['min_step_seconds'] * 30 / 3600)
+  assert kept['stage 1 (distillation)']['min_hours'] == pytest.approx(
+      kept['stage 1 (distillation)']['min_step_seconds'] * 10 / 3600)
+  assert re.search(r'the run \(40 steps\) takes at least [\d.]+ hours on 8 x cpu, [\d,]+ device-hours',
+                   capsys.readouterr().out)

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kernels import fused, losses, token_losses, weighted_loss
+from kernels import fused, losses, token_losses, tpu, weighted_loss
 from trainer import sharding
 
 # T and V are not multiples of the blocks below, so every last block overhangs.
@@ -106,6 +106,24 @@ def test_auto_falls_back_to_the_reference_for_teacher_top_k_and_says_so(caplog):
     weighted_loss(h_s, w_s, targets, teacher, mask, mask, teacher_top_k=5, impl='pallas')
   with pytest.raises(ValueError, match='the Pallas loss kernels run on tpu'):
     losses.choose('pallas', 'gpu')
+
+
+@pytest.mark.parametrize('device_kind, limit_mib', [('TPU v4', 16), ('TPU v5 lite', 96), ('TPU v5', 48),
+                                                    ('TPU v6 lite', 96)])
+@pytest.mark.parametrize('widths', [(1024,), (2048, 1024), (2560, 2048), (4096, 2048), (8192, 4096)])
+def test_the_block_is_the_largest_that_fits_each_generations_vmem(device_kind, limit_mib, widths):
+  limit = tpu.vmem_limit(device_kind)
+  assert limit == limit_mib * tpu.MiB
+  block = fused.fitting_block(widths, 2, limit)
+  assert block is not None and fused.vmem_bytes(*block, widths, 2) <= limit
+  assert all(fused.vmem_bytes(*larger, widths, 2) > limit for larger in fused.BLOCKS[:fused.BLOCKS.index(block)])
+
+
+def test_widths_no_block_fits_are_refused_with_the_numbers():
+  reason = losses.unsupported('pallas', 'tpu', device_kind='TPU v4', widths=(8192, 8192), itemsize=2)
+  assert reason == ('the Pallas loss kernels need 17 MiB of VMEM at widths (8192, 8192) even at their smallest '
+                    'block, more than the 16 MiB of a TPU v4 core')
+  assert losses.unsupported('pallas', 'tpu', device_kind='TPU v5', widths=(8192, 8192), itemsize=2) is None
 
 
 @pytest.mark.parametrize('with_teacher', [False, True])

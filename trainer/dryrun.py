@@ -22,6 +22,7 @@ size stands in.
 import dataclasses
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -38,9 +39,11 @@ from trainer import checkpoint, salt, sharding, step, train
 from trainer import config as config_lib
 from trainer.errors import UserError
 from trainer.metrics import peak_flops
-from trainer.model import ModelConfig, flops_per_token, param_count
+from trainer.model import ModelConfig, flops_per_token, param_count, recompute_flops_per_token
 
 GiB = 2 ** 30
+REMEDY = ('shard over more devices (--config.mesh.fsdp), recompute activations (--config.model.remat=save_nothing) '
+          'or lower data.global_batch_size')
 
 # Cloud TPU generations by accelerator-type prefix: libtpu's topology name prefix, the
 # dimensions of its torus, devices per chip (v4 and v5p pair two cores as one device,
@@ -86,6 +89,9 @@ def topology_target(accelerator_type: str, slices: int) -> Target:
         # Slices with full rings close them into a torus: 4x4x4 and up for v4/v5p, 16-wide for v5e/v6e.
         wrap=tuple(d >= 4 and dims == 3 or d >= 16 for d in shape) + (False,) * (3 - dims))
   except (RuntimeError, NotImplementedError) as e:
+    if 'lockfile' in str(e):
+      raise UserError(f'--topology {accelerator_type}: another process on this machine is using libtpu (it holds '
+                      '/tmp/libtpu_lockfile); wait for it to end, or remove the file if none is') from None
     raise UserError(f'--topology {accelerator_type}: this jax cannot compile for a TPU it does not have '
                     f'({str(e).splitlines()[0]}); install libtpu here (pip install "jax[tpu]==0.11.2", '
                     "salt's tpu extra) or dry-run on a TPU VM") from None
@@ -236,15 +242,19 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 3, topology: str | No
              state_bytes(program.abstract_state) + (state_bytes(teacher.params) if teacher else 0),
              limit, limit_source, 'shard it over more devices (--config.mesh.fsdp) or use a smaller model')
 
-  compiled = compile_stages(config, program, teacher)
+  compiled = compile_stages(config, program, teacher, target)
   figures = {'params': param_count(model_cfg), 'device_bytes': limit,
              'model_flops_per_step': flops_per_token(model_cfg, config.data.seq_len) * tokens,
              'stages': {name: report_compiled(name, executable, config, target.devices, say)
                         for name, executable in compiled.items()}}
+  if peak_flops(target.devices[0]):
+    for name, stage in figures['stages'].items():
+      stage.update(predict(name, config, found[0] if found and name.startswith('stage 1') else None, target, say))
+    hours = sum(stage['min_hours'] for stage in figures['stages'].values())
+    say(f'the run ({config.total_steps:,} steps) takes at least {hours:,.1f} hours on {target.name}, '
+        f'{hours * len(target.devices):,.0f} device-hours')
   for name, stage in figures['stages'].items():
-    check_fits(name, stage['need_bytes'], limit, limit_source,
-               'shard over more devices (--config.mesh.fsdp), recompute activations (--config.model.remat=save_nothing) '
-               'or lower data.global_batch_size')
+    check_fits(name, stage['need_bytes'], limit, limit_source, REMEDY)
   if topology:
     say(f'compiled for {target.name}; no steps run: those devices are not here')
     return figures
@@ -273,19 +283,47 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 3, topology: str | No
 
 
 def compile_stages(config: ml_collections.ConfigDict, program: train.Program,
-                   teacher: salt.Teacher | None) -> dict[str, jax.stages.Compiled]:
-  """The train step (stage 2, when SALT is on) and stage 1's distillation step, compiled on abstract shapes."""
+                   teacher: salt.Teacher | None, target: Target) -> dict[str, jax.stages.Compiled]:
+  """The train step (stage 2, when SALT is on) and stage 1's distillation step, compiled on abstract shapes.
+
+  Raises UserError with one line when a program does not fit the device's memory.
+  """
   batch = {k: jax.ShapeDtypeStruct((config.data.global_batch_size, config.data.seq_len),
                                    jnp.float32 if k == 'weights' else jnp.int32, sharding=program.batch_sharding)
            for k in step.BATCH_KEYS}
-  compiled = {}
+  lowered = {}
   if teacher:
-    compiled['stage 1 (distillation)'] = program.distillation_step(teacher).lower(
-        program.abstract_state, batch, teacher.params).compile()
+    lowered['stage 1 (distillation)'] = program.distillation_step(teacher).lower(
+        program.abstract_state, batch, teacher.params)
   if not teacher or config.salt.n_kd < config.total_steps:
-    compiled['stage 2' if teacher else 'train step'] = program.train_step.lower(
-        program.abstract_state, batch).compile()
+    lowered['stage 2' if teacher else 'train step'] = program.train_step.lower(program.abstract_state, batch)
+  state = state_bytes(program.abstract_state) + (state_bytes(teacher.params) if teacher else 0)
+  compiled = {}
+  for name, program_lowered in lowered.items():
+    try:
+      compiled[name] = program_lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      raise UserError(out_of_memory(name, str(e), state, target)) from None
   return compiled
+
+
+def out_of_memory(name: str, message: str, state: int, target: Target) -> str:
+  """One line for a compiler's out-of-memory error: what was needed, what there is, what to change."""
+  hbm = re.search(r'HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)', message)
+  if hbm:
+    scale = {'K': 2 ** 10, 'M': 2 ** 20, 'G': GiB, 'T': 2 ** 40}
+    temporaries, available = (float(hbm[i]) * scale[hbm[i + 1]] for i in (1, 3))
+    return (f'{name} does not fit on {target.name}: its temporaries (activations and working buffers) need '
+            f'{size(temporaries)} per device besides the {size(state)} of the train state, and a device has '
+            f'{size(available)}; {REMEDY}')
+  vmem = re.search(r'Scoped allocation with size ([\d.]+\w?) and limit ([\d.]+\w?)', message)
+  if vmem:
+    return (f'{name} does not compile for {target.name}: a Pallas kernel asks {vmem[1]} of a core\'s VMEM, '
+            f'whose limit is {vmem[2]}; set --config.loss.impl=xla or smaller --config.loss.block_tokens and '
+            '--config.loss.block_vocab')
+  return f'{name} does not fit on {target.name}: {message.strip().splitlines()[0]}; {REMEDY}'
 
 
 def report_compiled(name: str, executable: jax.stages.Compiled, config: ml_collections.ConfigDict,
@@ -302,16 +340,36 @@ def report_compiled(name: str, executable: jax.stages.Compiled, config: ml_colle
   model_cfg = ModelConfig(**config.model)
   model_flops = flops_per_token(model_cfg, config.data.seq_len) * config.data.global_batch_size * config.data.seq_len
   say(f'{name}: FLOPs per step: model {model_flops:.3g} ({flops_per_token(model_cfg, config.data.seq_len):.3g} '
-      f'per token); ' + (f'XLA {xla_flops:.3g} per device, {xla_flops * n_devices:.3g} on {n_devices} devices'
+      f'per token); ' + (f'XLA {xla_flops:.3g} per device, {xla_flops * n_devices:.3g} on {n_devices} devices (the '
+                          'body of a loop counted once, Pallas kernels left out)'
                          if xla_flops else 'XLA gives no count here'))
-  peak = peak_flops(devices[0])
-  if peak and xla_flops:
-    bound = model_flops / (xla_flops * n_devices)
-    say(f'{name}: predicted MFU at most {bound:.1%} (model FLOPs / compiled FLOPs; a step takes at least '
-        f'{xla_flops / peak * 1e3:.2f} ms at the peak {peak / 1e12:.0f} TFLOP/s)' if bound <= 1 else
-        f'{name}: predicted MFU n/a (XLA counts fewer FLOPs than the model: it counts the body of a loop, '
-        'such as the scan over layers, once)')
   return {'need_bytes': need, 'xla_flops_per_device': xla_flops}
+
+
+def predict(name: str, config: ml_collections.ConfigDict, teacher: ModelConfig | None, target: Target,
+            say) -> dict:
+  """The least time a step can take on these devices: all its FLOPs at the peak.
+
+  Its FLOPs are the model's (6 per parameter per token, attention counted whole) plus
+  what the remat policy recomputes, plus the teacher's forward pass in stage 1. They
+  are counted from the model, not from XLA's compiled costs: those count the body of a
+  loop once (the scan over layers, the loss's scan over chunks) and leave out the Pallas
+  kernels. Communication and the kernels' efficiency come on top of the bound.
+  """
+  student, L = ModelConfig(**config.model), config.data.seq_len
+  per_token = flops_per_token(student, L) + recompute_flops_per_token(student, L)
+  if teacher:
+    per_token += flops_per_token(teacher, L) / 3
+  tokens = config.data.global_batch_size * L
+  capacity = peak_flops(target.devices[0]) * len(target.devices)
+  seconds = per_token * tokens / capacity
+  steps = config.salt.n_kd if name.startswith('stage 1') else config.total_steps - (
+      config.salt.n_kd if name.startswith('stage 2') else 0)
+  mfu = flops_per_token(student, L) / per_token
+  say(f'{name}: a step takes at least {seconds * 1e3:.1f} ms on {target.name} ({per_token * tokens:.3g} FLOPs '
+      f'with recomputation{" and the teacher" if teacher else ""}, at the peak), so MFU at most {mfu:.1%}; its '
+      f'{steps:,} steps take at least {seconds * steps / 3600:,.1f} hours')
+  return {'min_step_seconds': seconds, 'max_mfu': mfu, 'min_hours': seconds * steps / 3600}
 
 
 def time_steps(executable, state, batch, extra: tuple, steps: int) -> tuple[step.TrainState, dict]:

@@ -205,3 +205,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   matmul_params = cfg.n_layers * (D * E * (2 * H + 2 * K) + 3 * D * F) + D * V
   attention = 12 * cfg.n_layers * H * E * seq_len
   return 6 * matmul_params + attention
+
+
+def recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """The FLOPs per token the backward pass spends recomputing what the remat policy did
+  not save: the projections' forward (2 per parameter) where matmuls are not kept, the
+  attention's forward (the scores, and the flash kernels' forward) where it is not."""
+  D, H, K, E, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+  matmuls = 2 * (D * E * (2 * H + 2 * K) + 3 * D * F)
+  attention = 4 * H * E * seq_len
+  redone = {'save_everything': 0, 'save_nothing': matmuls + attention, 'save_matmuls': attention,
+            'save_attention': matmuls, 'save_matmuls_and_attention': 0}[cfg.remat]
+  return cfg.n_layers * redone

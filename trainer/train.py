@@ -95,16 +95,22 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
   return sharding.make_mesh(mesh_shape(config.mesh, count), devices, dcn_data=config.mesh.dcn_data)
 
 
-def loss_fn(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules) -> step.LossFn:
-  """The loss kernels as the config sets them: tokens split like the batch, the vocabulary like `vocab`.
-
-  Raises UserError when loss.impl is named and cannot run on this mesh's devices.
-  """
-  loss = config.loss
+def check_loss(config: ml_collections.ConfigDict, mesh: Mesh, widths: tuple[int, ...]) -> None:
+  """Raises UserError when loss.impl is named and cannot run on this mesh's devices at
+  these model widths (the student's, and the teacher's in stage 1)."""
+  device = mesh.devices.flat[0]
   try:
-    kernels.losses.choose(loss.impl, mesh.devices.flat[0].platform, config.salt.teacher_top_k)
+    kernels.losses.choose(config.loss.impl, device.platform, config.salt.teacher_top_k,
+                          device_kind=device.device_kind, widths=widths,
+                          itemsize=jnp.dtype(config.model.dtype).itemsize)
   except ValueError as e:
-    raise UserError(f'loss.impl={loss.impl!r}: {e}; loss.impl=auto picks one that can') from None
+    raise UserError(f'loss.impl={config.loss.impl!r}: {e}; loss.impl=auto picks one that can') from None
+
+
+def loss_fn(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules) -> step.LossFn:
+  """The loss kernels as the config sets them: tokens split like the batch, the vocabulary like `vocab`."""
+  loss = config.loss
+  check_loss(config, mesh, (config.model.d_model,))
   return functools.partial(kernels.weighted_loss, impl=loss.impl, chunk=loss.vocab_chunk,
                            block_t=loss.block_tokens, block_v=loss.block_vocab, chunk_tokens=loss.chunk_tokens,
                            mesh=mesh, token_axes=rules['batch'], vocab_axes=rules['vocab'])
@@ -149,6 +155,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
   def distillation_step(teacher: salt.Teacher) -> Callable:
     k = config.salt
     weight = functools.partial(salt.kd_weight, schedule=k.schedule, weight=k.weight, n_kd=k.n_kd)
+    check_loss(config, mesh, (model_cfg.d_model, teacher.model.d_model))
     teacher_attend = attention_fn(config.attention.impl, teacher.model, seq_len, mesh, rules)
     distillation = step.Distillation(teacher.graphdef, teacher_attend, weight, k.tau, k.tau_squared,
                                      k.teacher_top_k)
