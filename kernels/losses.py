@@ -135,8 +135,11 @@ def weighted_loss(
   terms = token_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=tau, teacher_top_k=teacher_top_k, impl=impl,
                        chunk=chunk, block_t=block_t, block_v=block_v, mesh=mesh, token_axes=token_axes,
                        vocab_axes=vocab_axes)
-  loss = (g_ce_T * terms.ce).sum() + (0.0 if g_kd_T is None else (g_kd_T * terms.kd).sum())
-  return loss, jax.lax.stop_gradient(terms)
+  return _weighted_sum(terms, g_ce_T, g_kd_T), jax.lax.stop_gradient(terms)
+
+
+def _weighted_sum(terms: TokenLosses, g_ce: jax.Array, g_kd: jax.Array | None) -> jax.Array:
+  return (g_ce * terms.ce).sum() + (0.0 if g_kd is None else (g_kd * terms.kd).sum())
 
 
 def token_losses(
@@ -214,20 +217,16 @@ def _token_chunk_loss(h_s, w_s, targets, teacher, g_ce, g_kd, *, tau, chunk, mes
     shard_all = jax.shard_map(shard_all, mesh=mesh, in_specs=in_specs,
                               out_specs=(P(tok, None), P(tok, None), P(None, voc)), check_vma=False)
 
-  def total(stats, g_ce, g_kd):
-    terms = S.losses(stats)
-    return (g_ce * terms.ce).sum() + (0.0 if g_kd is None else (g_kd * terms.kd).sum())
-
   # The statistics are an output so that the terms can be reported; they carry no
   # gradient (stop_gradient below), so their cotangent is zero and is not used.
   @jax.custom_vjp
   def loss(h_s, w_s, targets, h_t, w_t, g_ce, g_kd):
     stats = shard_stats(h_s, w_s, targets, h_t, w_t, g_ce, g_kd)
-    return total(stats, g_ce, g_kd), stats
+    return _weighted_sum(S.losses(stats), g_ce, g_kd), stats
 
   def forward(h_s, w_s, targets, h_t, w_t, g_ce, g_kd):
     stats, dh, dw = shard_all(h_s, w_s, targets, h_t, w_t, g_ce, g_kd)
-    return (total(stats, g_ce, g_kd), stats), (dh, dw)
+    return (_weighted_sum(S.losses(stats), g_ce, g_kd), stats), (dh, dw)
 
   def backward(residuals, cotangents):
     (dh, dw), (g_loss, _) = residuals, cotangents
