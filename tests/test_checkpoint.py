@@ -118,13 +118,31 @@ def test_a_truncated_checkpoint_falls_back_only_under_auto(tiny_data, saved_on_8
   truncate_largest_file(directory / '2')
   program = program_on(tiny_config(tiny_data), tiny_data, jax.devices())
   ckpts = checkpoint.Checkpoints(directory, every_steps=1, max_to_keep=5)
-  state, _ = ckpts.restore(program.abstract_state, 'auto')
-  assert int(state.step) == 1
-  assert 'checkpoint at step 2 in' in caplog.text and 'cannot be read' in caplog.text
   with pytest.raises(UserError, match=r'checkpoint at step 2 \(.*/2\) cannot be read'):
     ckpts.restore(program.abstract_state, str(directory / '2'))
   state, _ = ckpts.restore(program.abstract_state, str(directory / '1'))
   assert int(state.step) == 1
+  state, _ = ckpts.restore(program.abstract_state, 'auto')
+  assert int(state.step) == 1
+  assert 'checkpoint at step 2 in' in caplog.text and 'cannot be read' in caplog.text
+  # Set aside, not deleted, so that the run can save step 2 again.
+  assert not (directory / '2').exists() and (tmp_path / 'checkpoints-unreadable' / '2').is_dir()
+  assert ckpts.manager.all_steps() == [1]
+
+
+def test_a_run_whose_latest_checkpoint_is_bad_resumes_and_saves_that_step_again(tiny_data, tmp_path):
+  """Issue 16, defect 1: with checkpoint 6 gone and checkpoint 4 missing its metadata, the
+  same command resumed from 2 and then failed at step 4 on every relaunch (Orbax's
+  StepAlreadyExistsError, exit 1)."""
+  config = write_config(tmp_path / 'config.py', tiny_data, 6, every_steps=2, max_to_keep=5)
+  workdir = tmp_path / 'run'
+  assert salt_train(config, workdir) == 0
+  shutil.rmtree(workdir / 'checkpoints' / '6')
+  (workdir / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()
+  assert salt_train(config, workdir) == 0
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [2, 4, 6]
+  assert (workdir / 'checkpoints-unreadable' / '4' / 'state').is_dir()
+  assert salt_train(config, workdir) == 0  # and the next relaunch finds a finished run
 
 
 def test_resume_never_refuses_a_directory_with_checkpoints(tiny_data, saved_on_8_devices):

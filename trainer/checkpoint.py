@@ -66,16 +66,44 @@ class Checkpoints:
       return None
     if resume != 'auto':
       return _restore_path(absolute(resume), abstract_state)
-    for step in sorted(steps, reverse=True):
-      try:
-        return _restore(self.manager, step, abstract_state)
-      except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
-        log.warning('checkpoint at step %d in %s cannot be read (%s: %s); trying the one before',
-                    step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
+    unreadable = []
+    try:
+      for step in sorted(steps, reverse=True):
+        try:
+          return _restore(self.manager, step, abstract_state)
+        except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
+          log.warning('checkpoint at step %d in %s cannot be read (%s: %s); trying the one before',
+                      step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
+          unreadable.append(step)
+    finally:
+      self._set_aside(unreadable)
     if steps:
-      raise UserError(f'no checkpoint in {self.directory} can be read (steps {sorted(steps)}); '
-                      'move them away to start fresh')
+      raise UserError(f'no checkpoint in {self.directory} can be read (steps {sorted(steps)}); they are now in '
+                      f'{self.unreadable_directory}, and the run starts fresh when run again')
     return None
+
+  @property
+  def unreadable_directory(self) -> epath.Path:
+    return self.directory.parent / f'{self.directory.name}-unreadable'
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable steps out of the way (never deleted: a person may want them), so
+    that the run can save those steps again instead of failing on every relaunch."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      self.unreadable_directory.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target = self.unreadable_directory / str(step)
+        suffix = 0
+        while target.exists():
+          suffix += 1
+          target = self.unreadable_directory / f'{step}.{suffix}'
+        (self.directory / str(step)).rename(target)
+        log.warning('moved the unreadable checkpoint at step %d to %s', step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('unreadable checkpoints set aside')
+    self.manager.reload()
 
   def wait(self) -> None:
     """Blocks until every started save has been committed."""
