@@ -42,6 +42,12 @@ def test_int_is_accepted_for_a_float_key():
     (['--config.mesh.fsdp=-1'], 'mesh data=-1 fsdp=-1 tensor=1 has more than one axis set to -1'),
     (['--config.model.remat=some'], "model.remat='some' must be one of ('save_everything', 'save_nothing', 'save_matmuls', 'save_attention', 'save_matmuls_and_attention')"),
     (['--config.model.n_kv_heads=3'], 'model.n_heads=4 must be a multiple of model.n_kv_heads=3'),
+    # Issue 16: zeros that were a ZeroDivisionError, a traceback, or "validation loss 0.000".
+    (['--config.model.n_kv_heads=0'], 'model.n_kv_heads=0 must be positive'),
+    (['--config.model.d_ff=0'], 'model.d_ff=0 must be positive'),
+    (['--config.log.every_steps=0'], 'log.every_steps=0 must be positive'),
+    (['--config.eval.every_steps=0'], 'eval.every_steps=0 must be positive'),
+    (['--config.eval.batches=0'], 'eval.batches=0 must be positive'),
     (['--config.sharding.mlp=model'], "sharding.mlp='model' names mesh axis 'model'"),
     (['--config.optim'], "override '--config.optim' has no value"),
     (['--config.optim=1'], "config key 'optim' is a group; set one of its keys"),

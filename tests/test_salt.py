@@ -195,3 +195,10 @@ def test_train_steps_with_each_loss_kernel_equal_those_with_the_reference(tiny_d
     results[name] = jax.device_get((stage1, stage2, state.params))
   for got, want in zip(jax.tree.leaves(results[impl]), jax.tree.leaves(results['xla'])):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_score_refuses_a_top_k_that_would_score_nothing(tiny_data, teacher_path, tmp_path):
+  """Issue 16: --top-k 0 wrote all-NaN scores (exit 0), and a selection from them failed later."""
+  with pytest.raises(UserError, match='--top-k 0 must be >= 1'):
+    score(teacher_path, tiny_data, top_k=0, output=tmp_path / 'scores.npy')
+  assert not (tmp_path / 'scores.npy').exists()

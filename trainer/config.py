@@ -271,6 +271,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _require(m.dtype in DTYPES, f'model.dtype={m.dtype!r} must be one of {DTYPES}')
   _require(m.remat in REMAT_POLICIES, f'model.remat={m.remat!r} must be one of {REMAT_POLICIES}')
   _require(o.decay in DECAY_SCHEDULES, f'optim.decay={o.decay!r} must be one of {DECAY_SCHEDULES}')
+  for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff'):
+    _require(m[key] > 0, f'model.{key}={m[key]} must be positive')
+  for key in ('log.every_steps', 'eval.every_steps', 'eval.batches'):
+    group, name = key.split('.')
+    _require(config[group][name] > 0, f'{key}={config[group][name]} must be positive')
   _require(m.n_heads % m.n_kv_heads == 0,
            f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
   _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} must be even for rotary embeddings')

@@ -91,6 +91,8 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
   returns the summary."""
   if every < 1:
     raise UserError(f'--every {every} must be >= 1')
+  if top_k < 1:
+    raise UserError(f'--top-k {top_k} must be >= 1: with no token counted as learnable, no record has a score')
   data_dir = Path(data_dir)
   manifest = read_manifest(data_dir)
   output = Path(output or data_dir / 'scores.npy')
