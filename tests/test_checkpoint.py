@@ -177,3 +177,24 @@ def test_skip_leaves_the_state_unchanged_on_a_bad_batch(tiny_data):
     np.testing.assert_array_equal(np.asarray(got), want)
   state, metrics = program.train_step(state, sharding.host_batch_to_global(batch, program.batch_sharding))
   assert float(metrics['skipped']) == 0.0
+
+
+def test_a_changed_model_on_resume_names_what_differs_and_keeps_the_checkpoints(tiny_data, tmp_path):
+  """Issue 16: a model change made every checkpoint 'unreadable' and the advice was to move
+  them away, which throws good work out; it must say what differs instead."""
+  config = tiny_config(tiny_data)
+  config.update(total_steps=2)
+  config.optim.warmup_steps = 1
+  config.checkpoint.every_steps = 2
+  config.eval.every_steps = 100
+  train.train(config, tmp_path / 'run')
+  config.model.update(d_model=96, d_ff=192)
+  for resume in ('auto', str(tmp_path / 'run' / 'checkpoints' / '2')):
+    with pytest.raises(UserError) as error:
+      train.train(config, tmp_path / 'run', resume=resume)
+    assert str(error.value).startswith('the checkpoint at step 2 in ')
+    assert ('is of another model: model.d_model=64 there, 96 here, model.d_ff=128 there, 192 here; set them back '
+            '(--config.model.d_model=64 --config.model.d_ff=128) or train this model in another --workdir'
+            in str(error.value))
+  assert (tmp_path / 'run' / 'checkpoints' / '2').is_dir()
+  assert not (tmp_path / 'run' / 'checkpoints-unreadable').exists()

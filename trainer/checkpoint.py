@@ -50,13 +50,16 @@ class Checkpoints:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore(self, abstract_state: Any, resume: str) -> tuple[Any, dict] | None:
+  def restore(self, abstract_state: Any, resume: str, model: dict | None = None) -> tuple[Any, dict] | None:
     """(state, meta) to resume from, or None to start fresh.
 
     resume: 'auto' restores the latest readable checkpoint here, falling back to older
-      ones when the latest cannot be read; 'never' starts fresh and requires that
-      there are no checkpoints here; any other value is the path of one checkpoint
-      (`RUN/checkpoints/STEP`), restored or refused with an error.
+      ones when the latest cannot be read (those are set aside, see `_set_aside`);
+      'never' starts fresh and requires that there are no checkpoints here; any other
+      value is the path of one checkpoint (`RUN/checkpoints/STEP`), restored or
+      refused with an error.
+    model: the run's model config; a checkpoint of a model of another shape is an
+      error that names what differs, never a checkpoint to fall back past.
     """
     steps = self.manager.all_steps()
     if resume == 'never':
@@ -65,12 +68,14 @@ class Checkpoints:
                         'needs a run directory without them (or use --resume=auto)')
       return None
     if resume != 'auto':
-      return _restore_path(absolute(resume), abstract_state)
+      return _restore_path(absolute(resume), abstract_state, model)
     unreadable = []
     try:
       for step in sorted(steps, reverse=True):
         try:
-          return _restore(self.manager, step, abstract_state)
+          return _restore(self.manager, step, abstract_state, model)
+        except UserError:
+          raise
         except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
           log.warning('checkpoint at step %d in %s cannot be read (%s: %s); trying the one before',
                       step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
@@ -113,19 +118,35 @@ class Checkpoints:
     self.manager.close()
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+# The model settings that decide the shapes of the parameters.
+SHAPE_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'tie_embeddings')
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, model: dict | None) -> tuple[Any, dict]:
+  if model is not None:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    saved = meta.get('config', {}).get('model', {})
+    differing = [k for k in SHAPE_KEYS if k in saved and saved[k] != model[k]]
+    if differing:
+      raise UserError(
+          f'the checkpoint at step {step} in {manager.directory} is of another model: '
+          + ', '.join(f'model.{k}={saved[k]!r} there, {model[k]!r} here' for k in differing)
+          + '; set them back (' + ' '.join(f'--config.model.{k}={saved[k]}' for k in differing)
+          + ') or train this model in another --workdir')
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                            meta=ocp.args.JsonRestore()))
   return restored.state, restored.meta
 
 
-def _restore_path(path: epath.Path, abstract_state: Any) -> tuple[Any, dict]:
+def _restore_path(path: epath.Path, abstract_state: Any, model: dict | None) -> tuple[Any, dict]:
   if not path.name.isdigit() or not path.is_dir():
     raise UserError(f'--resume={path} is not a checkpoint directory (RUN/checkpoints/STEP)')
   manager = ocp.CheckpointManager(path.parent, options=ocp.CheckpointManagerOptions(read_only=True),
                                   item_names=('state', 'meta'))
   try:
-    return _restore(manager, int(path.name), abstract_state)
+    return _restore(manager, int(path.name), abstract_state, model)
+  except UserError:
+    raise
   except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
     raise UserError(f'checkpoint at step {int(path.name)} ({path}) cannot be read: {type(e).__name__}') from None
   finally:

@@ -253,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: st
       workdir / 'checkpoints', every_steps=config.checkpoint.every_steps,
       max_to_keep=config.checkpoint.max_to_keep, keep_every_steps=config.checkpoint.keep_every_steps,
       async_save=config.checkpoint.async_save)
-  restored = checkpoints.restore(program.abstract_state, resume)
+  restored = checkpoints.restore(program.abstract_state, resume, model=config.model.to_dict())
   train_seconds = 0.0
   if restored:
     state, meta = restored
