@@ -202,3 +202,31 @@ def test_score_refuses_a_top_k_that_would_score_nothing(tiny_data, teacher_path,
   with pytest.raises(UserError, match='--top-k 0 must be >= 1'):
     score(teacher_path, tiny_data, top_k=0, output=tmp_path / 'scores.npy')
   assert not (tmp_path / 'scores.npy').exists()
+
+
+def test_a_partial_score_file_is_continued_only_with_the_settings_that_made_it(tiny_data, teacher_path, tmp_path,
+                                                                               monkeypatch):
+  """Issue 16: a resumed `salt score` with another --top-k (or teacher) continued the old
+  partial file, mixing two definitions of the score under the new one's name."""
+  from trainer import score as score_module
+
+  output = tmp_path / 'scores.npy'
+  monkeypatch.setattr(score_module, 'SAVE_EVERY', 1)
+
+  def killed(*args):
+    raise KeyboardInterrupt  # the job dies after every batch is saved, before the scores are written
+
+  with monkeypatch.context() as patch:
+    patch.setattr(score_module, 'median_per_record', killed)
+    with pytest.raises(KeyboardInterrupt):
+      score(teacher_path, tiny_data, top_k=3, batch_size=8, output=output, progress=False)
+  partial = tmp_path / 'scores.npy.partial.npz'
+  assert partial.exists() and not output.exists()
+  with pytest.raises(UserError, match=r'scores.npy.partial.npz holds scores made with other settings \(top_k 3 -> 5\); '
+                                      'run with those to continue it, or with --restart to score from the start'):
+    score(teacher_path, tiny_data, top_k=5, batch_size=8, output=output, progress=False)
+  restarted = score(teacher_path, tiny_data, top_k=5, batch_size=8, output=output, progress=False, restart=True)
+  assert restarted['top_k'] == 5 and not partial.exists()
+  fresh = score(teacher_path, tiny_data, top_k=5, batch_size=8, output=tmp_path / 'fresh.npy', progress=False)
+  np.testing.assert_array_equal(np.load(output), np.load(tmp_path / 'fresh.npy'))
+  assert fresh['scored'] == restarted['scored']

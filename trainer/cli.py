@@ -53,7 +53,7 @@ def _score(args, overrides):
     raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
   distributed.initialize()
   summary = score(args.teacher, Path(args.data), top_k=args.top_k, batch_size=args.batch, every=args.every,
-                  output=Path(args.output) if args.output else None)
+                  output=Path(args.output) if args.output else None, restart=args.restart)
   log.info(describe(summary))
 
 
@@ -124,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
   sc.add_argument('--every', type=int, default=1,
                   help='score every n-th record only; the others are never selected (default: all)')
   sc.add_argument('--output', help='where to write the scores (default: DATA/scores.npy)')
+  sc.add_argument('--restart', action='store_true',
+                  help='score from the start, discarding a partial file made with other settings')
   sc.set_defaults(run=_score)
 
   dr = sub.add_parser(

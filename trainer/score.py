@@ -86,9 +86,14 @@ def median_per_record(records: np.ndarray, losses: np.ndarray, learnable: np.nda
 
 
 def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int | None = None,
-          every: int = 1, output: Path | None = None, progress: bool = True) -> dict:
+          every: int = 1, output: Path | None = None, progress: bool = True, restart: bool = False) -> dict:
   """Scores the training records of `data_dir` (every `every`-th) with the model at `teacher_path`;
-  returns the summary."""
+  returns the summary.
+
+  The work so far is kept in OUTPUT.partial.npz with the settings it was made with; a
+  run with other settings refuses to mix its scores into it, unless `restart` says to
+  score from the start.
+  """
   if every < 1:
     raise UserError(f'--every {every} must be >= 1')
   if top_k < 1:
@@ -112,16 +117,22 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
   n_batches = -(-records.size // batch_size)
 
   partial = output.with_name(output.name + '.partial.npz')
+  settings = {'teacher': str(Path(teacher_path).resolve()), 'top_k': top_k, 'every': every, 'seq_len': seq_len,
+              'batch': batch_size, 'records': len(stream.records), 'tokenizer_sha256': manifest['tokenizer_sha256']}
   losses = np.zeros((n_batches * batch_size, seq_len), np.float32)
   learnable = np.zeros((n_batches * batch_size, seq_len), bool)
   first = 0
-  if partial.exists():
+  if partial.exists() and not restart:
     saved = np.load(partial)
-    if saved['losses'].shape == losses.shape and int(saved.get('every', 1)) == every:
-      first = int(saved['done'])
-      losses[:first * batch_size], learnable[:first * batch_size] = saved['losses'][:first * batch_size], \
-          saved['learnable'][:first * batch_size]
-      log.info('continuing from batch %d of %d', first, n_batches)
+    before = json.loads(str(saved['settings'])) if 'settings' in saved else {}
+    changed = [f'{k} {before.get(k)!r} -> {v!r}' for k, v in settings.items() if before.get(k) != v]
+    if changed:
+      raise UserError(f'{partial} holds scores made with other settings ({"; ".join(changed)}); run with those '
+                      'to continue it, or with --restart to score from the start')
+    first = int(saved['done'])
+    losses[:first * batch_size], learnable[:first * batch_size] = saved['losses'][:first * batch_size], \
+        saved['learnable'][:first * batch_size]
+    log.info('continuing from batch %d of %d', first, n_batches)
 
   batch_sharding = sharding.batch_sharding(mesh, rules)
   attention = train.attention_fn('auto', teacher.model, seq_len, mesh, rules)
@@ -143,7 +154,7 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
     loss, ok = jax.device_get(step(teacher.params, sharding.host_batch_to_global(batch, batch_sharding)))
     losses[b * batch_size:(b + 1) * batch_size], learnable[b * batch_size:(b + 1) * batch_size] = loss, ok
     if (b + 1) % SAVE_EVERY == 0 and jax.process_index() == 0:
-      _atomic_savez(partial, losses=losses, learnable=learnable, done=b + 1, every=every)
+      _atomic_savez(partial, losses=losses, learnable=learnable, done=b + 1, settings=json.dumps(settings))
 
   window_records = np.repeat(np.pad(records, (0, n_batches * batch_size - records.size), constant_values=-1),
                              seq_len)
@@ -151,7 +162,7 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
   scores = median_per_record(window_records[valid], losses.reshape(-1)[valid], learnable.reshape(-1)[valid],
                              len(stream.records))
   candidates = int(np.ceil(scores.size / every))
-  summary = {'teacher': teacher_path, 'top_k': top_k, 'seq_len': seq_len, 'every': every,
+  summary = {**settings, 'teacher': teacher_path,
              'seconds': round(time.perf_counter() - start, 1),
              'records': int(scores.size), 'sampled': candidates, 'scored': int(np.isfinite(scores).sum()),
              'unscored': candidates - int(np.isfinite(scores).sum())}
