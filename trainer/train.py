@@ -1,5 +1,6 @@
 """The training loop: build mesh, data, state and steps from a config; train; report."""
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -22,6 +23,7 @@ from kernels import attention
 from trainer import checkpoint, corpus, data, metrics, salt, sharding, step
 from trainer.config import mesh_shape, validate
 from trainer.errors import Diverged, Preempted, UserError
+from trainer.lock import RunLock
 from trainer.model import ModelConfig, flops_per_token, param_count
 from trainer.optimizer import learning_rate_schedule, make_optimizer
 from trainer.prepare import FORMAT, prepare, read_manifest
@@ -226,10 +228,16 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: st
   `workdir` may be local or remote (gs://...). Resumes from the checkpoints in
   `workdir` (see `Checkpoints.restore` for `resume`).
   Raises Preempted after saving when a stop signal arrives, Diverged when the loss is
-  not finite (and nonfinite='stop'), UserError for bad input.
+  not finite (and nonfinite='stop'), UserError for bad input or when another job
+  trains in `workdir` (process 0 holds its lock, trainer.lock).
   """
   validate(config, jax.device_count())
   workdir = epath.Path(workdir)
+  with RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train(config, workdir, resume)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str) -> dict[str, float]:
   is_main = jax.process_index() == 0
   mesh = make_mesh(config)
   model_cfg = ModelConfig(**config.model)
