@@ -129,6 +129,39 @@ def test_prepare_killed_midway_and_rerun_gives_the_same_shards(tmp_path, tiny_da
   assert not list((tmp_path / 'killed').glob('*.partial'))
 
 
+def test_prepare_refuses_a_directory_made_from_other_inputs_or_settings(tmp_path):
+  """Issue 16, defect 2: into a finished directory prepare returned the old manifest
+  whatever the new inputs and vocabulary; into a partial one it kept the old shards."""
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
+  first, second = write_corpus(tmp_path / 'a', 6, seed=1), write_corpus(tmp_path / 'b', 4, seed=2)
+  out = tmp_path / 'out'
+  made = prepare(first, out, vocab_size=320, workers=1)
+  assert prepare(first, out, vocab_size=320, workers=1) == made  # the same preparation: kept as it is
+  for inputs, vocab, what in ((second, 320, 'inputs differ'), (first, 352, 'tokenizer differ'),
+                              (first + second, 320, 'inputs differ')):
+    with pytest.raises(UserError, match=rf'{out} holds data prepared from other inputs or settings \({what}\); '
+                                        'give another --output, or --overwrite to prepare it again'):
+      prepare(inputs, out, vocab_size=vocab, workers=1)
+  redone = prepare(second, out, vocab_size=352, workers=1, overwrite=True)
+  assert [s['source'] for s in redone['splits']['train']['shards']] == second
+  assert redone['vocab_size'] == 352 and len(list(out.glob('train-*.arrayrecord'))) == 4
+  # A partial directory (no manifest yet) is refused the same way.
+  (out / 'manifest.json').unlink()
+  with pytest.raises(UserError, match='inputs differ'):
+    prepare(first, out, vocab_size=352, workers=1)
+
+
+def test_a_directory_prepared_by_an_earlier_salt_is_not_reused_blindly(tmp_path, tiny_data):
+  (tmp_path / 'in').mkdir()
+  inputs = write_corpus(tmp_path / 'in', 3, seed=3)
+  out = tmp_path / 'old'
+  prepare(inputs, out, tokenizer=str(tiny_data / 'tokenizer.model'), workers=1)
+  (out / 'settings.json').unlink()
+  with pytest.raises(UserError, match='it was made by an earlier salt, which did not record them'):
+    prepare(inputs, out, tokenizer=str(tiny_data / 'tokenizer.model'), workers=1)
+
+
 # --- loader ----------------------------------------------------------------------------
 
 

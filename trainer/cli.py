@@ -35,7 +35,8 @@ def _prepare(args, overrides):
   manifest = prepare(args.inputs, Path(args.output), validation=args.validation or (),
                      vocab_size=args.vocab_size, tokenizer=args.tokenizer, txt_split=args.txt_split,
                      text_field=args.text_field, text_column=args.column,
-                     max_record_tokens=args.max_record_tokens, workers=args.workers, progress=True)
+                     max_record_tokens=args.max_record_tokens, workers=args.workers, progress=True,
+                     overwrite=args.overwrite)
   for name, split in manifest['splits'].items():
     log.info('%s: %d documents, %d records, %d tokens in %d shards', name, split['documents'],
              split['records'], split['tokens'], len(split['shards']))
@@ -114,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
   prep.add_argument('--max-record-tokens', type=int, default=2048,
                     help='longer documents are stored as consecutive records of this many tokens')
   prep.add_argument('--workers', type=int, help='processes tokenizing in parallel (default: all cores)')
+  prep.add_argument('--overwrite', action='store_true',
+                    help='prepare again into an --output made from other inputs or settings')
   prep.set_defaults(run=_prepare)
 
   sc = sub.add_parser('score', help="score every training record with the small model (SALT's data selection)")

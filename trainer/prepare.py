@@ -12,7 +12,9 @@ fetches a few KB for a row of tokens, never a whole book. Every document ends wi
 the EOS token. A file is written under a `.partial` name and renamed when complete,
 and a task's `.json` comes after its data: re-running skips the tasks whose `.json`
 exists and redoes the rest, and `manifest.json`, written last of all, marks the whole
-directory complete.
+directory complete. `settings.json`, written first, records the inputs (path, size,
+modification time) and every setting: a run with others refuses the directory rather
+than mix or return stale shards, unless told to prepare it again (`overwrite`).
 """
 
 import collections
@@ -34,6 +36,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from trainer.errors import UserError
 
 MANIFEST = 'manifest.json'
+SETTINGS = 'settings.json'
 TOKENIZER = 'tokenizer.model'
 MAX_PROBLEMS = 1000
 # Bumped whenever the layout of a prepared directory changes.
@@ -209,26 +212,34 @@ def _encode_batches(sp: spm.SentencePieceProcessor, docs: Iterator[str], size: i
 def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab_size: int = 32000,
             tokenizer: Path | None = None, txt_split: str = 'file', text_field: str = 'text',
             text_column: str = 'text', max_record_tokens: int = 2048, workers: int | None = None,
-            progress: bool = False) -> dict:
+            progress: bool = False, overwrite: bool = False) -> dict:
   """Tokenizes `train` (and `validation`) inputs into `output`; returns the manifest.
 
-  Resumes a directory that an interrupted run left: the tokenizer and every finished
-  task are kept. Raises UserError for missing inputs, an unsupported file type, or a
-  tokenizer that does not exist or differs from the one the directory already holds.
+  Resumes a directory that an interrupted run with the same inputs and settings left:
+  the tokenizer and every finished task are kept; a finished one is returned as it is.
+  Raises UserError for missing inputs, an unsupported file type, a tokenizer that does
+  not exist, or a directory made from other inputs or settings (`overwrite` prepares it
+  again instead).
   """
   output = Path(output)
-  if (output / MANIFEST).exists():
-    return read_manifest(output)
   splits = {'train': expand(train)}
   if validation:
     splits['validation'] = expand(validation)
-  output.mkdir(parents=True, exist_ok=True)
+  if tokenizer and not Path(tokenizer).is_file():
+    raise UserError(f'tokenizer {str(tokenizer)!r} does not exist')
+  settings = {
+      'format': FORMAT,
+      'inputs': {split: [{'path': str(f.resolve()), 'bytes': f.stat().st_size, 'mtime_ns': f.stat().st_mtime_ns}
+                         for f in files] for split, files in splits.items()},
+      'tokenizer': {'sha256': file_sha256(Path(tokenizer))} if tokenizer else {'trained': vocab_size},
+      'txt_split': txt_split, 'text_field': text_field, 'text_column': text_column,
+      'max_record_tokens': max_record_tokens,
+  }
+  _claim(output, settings, overwrite)
+  if (output / MANIFEST).exists():
+    return read_manifest(output)
   model_path = output / TOKENIZER
   if tokenizer:
-    if not Path(tokenizer).is_file():
-      raise UserError(f'tokenizer {str(tokenizer)!r} does not exist')
-    if model_path.exists() and file_sha256(model_path) != file_sha256(tokenizer):
-      raise UserError(f'{output} was started with another tokenizer; use a new --output directory')
     _atomic_copy(Path(tokenizer), model_path)
   elif not model_path.exists():
     docs = (d for f in splits['train']
@@ -290,6 +301,32 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
   partial.write_text(json.dumps(manifest, indent=2))
   os.replace(partial, output / MANIFEST)
   return manifest
+
+
+def _claim(output: Path, settings: dict, overwrite: bool) -> None:
+  """Makes `output` this preparation's: new, or made with the same settings, or (with
+  `overwrite`) emptied of what an earlier one wrote. Raises UserError otherwise."""
+  # A settings file that never got its name is no preparation's.
+  ours = [p for pattern in (MANIFEST, SETTINGS, TOKENIZER, '*.partial', 'train-*', 'validation-*')
+          for p in output.glob(pattern) if p.name != SETTINGS + '.partial'] if output.is_dir() else []
+  path = output / SETTINGS
+  if ours and not overwrite:
+    before = json.loads(path.read_text()) if path.exists() else None
+    if before == settings:
+      return
+    changed = ('it was made by an earlier salt, which did not record them' if before is None else
+               ', '.join(k for k in settings if before.get(k) != settings[k]) + ' differ')
+    raise UserError(f'{output} holds data prepared from other inputs or settings ({changed}); give another '
+                    '--output, or --overwrite to prepare it again')
+  for p in ours:
+    if p.is_dir():
+      shutil.rmtree(p)
+    else:
+      p.unlink()
+  output.mkdir(parents=True, exist_ok=True)
+  partial = output / (SETTINGS + '.partial')
+  partial.write_text(json.dumps(settings, indent=2))
+  os.replace(partial, path)
 
 
 def read_manifest(directory: Path) -> dict:
