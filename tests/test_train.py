@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_corpus
 from trainer import cli
 from trainer.errors import UserError
+from trainer.prepare import prepare
 from trainer.train import train
 
 
@@ -45,3 +46,40 @@ def test_data_directory_without_manifest_is_a_clear_error(tmp_path, capsys):
                    f'--config.data.path={tmp_path}'])
   assert code == 2
   assert 'holds no manifest.json; write one with `salt prepare' in capsys.readouterr().err
+
+
+def short_run(data_dir, steps):
+  config = tiny_config(data_dir)
+  config.update(total_steps=steps)
+  config.optim.warmup_steps = 1
+  config.checkpoint.every_steps = 2
+  config.eval.every_steps = 100
+  return config
+
+
+def test_a_resume_that_would_read_other_batches_is_refused_unless_allowed_and_then_recorded(tiny_data, tmp_path):
+  """Issue 16, defect 4: a changed shuffle seed (or batch size, sequence length) only
+  warned, and config.json was overwritten without a trace."""
+  train(short_run(tiny_data, 2), tmp_path)
+  changed = short_run(tiny_data, 4)
+  changed.data.shuffle_seed = 1
+  with pytest.raises(UserError, match=r'resuming at step 2 would read other batches than the interrupted run '
+                                      r'\(shuffle_seed 0 -> 1\); restore those settings and data, or resume with '
+                                      r'--allow-data-change'):
+    train(changed, tmp_path)
+  train(changed, tmp_path, allow_data_change=True)
+  written = json.loads((tmp_path / 'config.json').read_text())
+  assert written['data_changes'] == [{'step': 2, 'changes': ['shuffle_seed 0 -> 1']}]
+  assert written['config']['data']['shuffle_seed'] == 1
+
+
+def test_the_same_documents_prepared_in_another_order_are_other_data(tiny_data, tmp_path):
+  """Issue 16, defect 4: resume compared counts, not content."""
+  (tmp_path / 'in').mkdir()
+  files = write_corpus(tmp_path / 'in', 12, seed=5)
+  tokenizer = str(tiny_data / 'tokenizer.model')
+  prepare(files, tmp_path / 'a', tokenizer=tokenizer, workers=1)
+  prepare(files[::-1], tmp_path / 'b', tokenizer=tokenizer, workers=1)
+  train(short_run(tmp_path / 'a', 2), tmp_path / 'run')
+  with pytest.raises(UserError, match=r'would read other batches than the interrupted run \(train_sha256 '):
+    train(short_run(tmp_path / 'b', 4), tmp_path / 'run')

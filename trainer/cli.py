@@ -16,7 +16,8 @@ def _train(args, overrides):
   from trainer.train import train
 
   distributed.initialize()
-  train(config_lib.load(args.config, overrides), args.workdir, resume=args.resume)
+  train(config_lib.load(args.config, overrides), args.workdir, resume=args.resume,
+        allow_data_change=args.allow_data_change)
 
 
 def _demo(args, overrides):
@@ -88,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
 
   train = sub.add_parser(
       'train', help='train a model',
-      usage='salt train --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR [--resume auto|never|PATH]',
+      usage='salt train --config FILE[:ARG] [--config.KEY=VALUE ...] --workdir DIR [--resume auto|never|PATH] '
+            '[--allow-data-change]',
       epilog=f'exit codes: 0 done; 2 bad input or a loss that is not finite; {PREEMPTED_EXIT_CODE} '
              'preempted (a checkpoint was saved: run the same command again to resume)')
   train.add_argument('--config', required=True, help='a config file, optionally :ARG for get_config')
@@ -96,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
   train.add_argument('--resume', default='auto', metavar='auto|never|PATH', help=(
       'auto: continue from the latest readable checkpoint in WORKDIR (the default); never: start '
       'fresh; PATH: continue from that checkpoint (RUN/checkpoints/STEP) and no other'))
+  train.add_argument('--allow-data-change', action='store_true', help=(
+      'resume although the data or a setting that decides the batches (seq_len, batch size, shuffle seed, '
+      'selection, n_kd) differs from the checkpoint\'s; recorded in config.json'))
   train.set_defaults(run=_train)
 
   dm = sub.add_parser('demo', help='the whole SALT method on the embedded corpus, with a report (make demo)')

@@ -190,6 +190,7 @@ def _tokenize_file(task: dict) -> dict:
              length=np.asarray(lengths, np.int64), token_counts=counts)
   os.replace(output / f'{stem}.index.npz.partial', output / f'{stem}.index.npz')
   summary = {'file': shard.name, 'index': f'{stem}.index.npz', 'source': task['source'],
+             'sha256': file_sha256(shard), 'bytes': shard.stat().st_size,
              'documents': documents[-1] + 1 if documents else 0, 'records': len(lengths), 'tokens': int(sum(lengths)),
              'skipped': dict(skips.counts), 'problems': skips.problems}
   partial = output / f'{stem}.json.partial'
@@ -276,8 +277,8 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
       if split == 'train':
         counts += np.load(output / shard['index'])['token_counts']
     manifest_splits[split] = {
-        'shards': [{k: s[k] for k in ('file', 'index', 'source', 'documents', 'records', 'tokens')}
-                   for s in shards],
+        'shards': [{k: s[k] for k in ('file', 'index', 'source', 'sha256', 'bytes', 'documents', 'records',
+                                      'tokens')} for s in shards],
         **{k: sum(s[k] for s in shards) for k in ('documents', 'records', 'tokens')}}
   if not manifest_splits['train']['tokens']:
     raise UserError(f'no document of {train} could be read; see the problems: {problems[:3]}')

@@ -185,8 +185,12 @@ def evaluate(program: Program, params, stream: data.TokenStream, config: ml_coll
 
 def data_fingerprint(config: ml_collections.ConfigDict, manifest: dict, selection: np.ndarray | None) -> dict:
   """What the batch of a step depends on besides the step: the loader's state is the step plus this."""
+  shards = manifest['splits']['train']['shards']
   return {
       'tokenizer_sha256': manifest['tokenizer_sha256'],
+      # The content of the training shards, in order (None for data prepared before salt recorded it).
+      'train_sha256': hashlib.sha256(''.join(s['sha256'] for s in shards).encode()).hexdigest()
+                      if all('sha256' in s for s in shards) else None,
       'train_records': manifest['splits']['train']['records'],
       'train_tokens': manifest['splits']['train']['tokens'],
       'selection_sha256': None if selection is None else hashlib.sha256(selection.astype('<i8').tobytes()).hexdigest(),
@@ -197,15 +201,26 @@ def data_fingerprint(config: ml_collections.ConfigDict, manifest: dict, selectio
   }
 
 
-def check_resumed_data(saved: dict, current: dict, step: int) -> None:
-  """A resumed run must read the batches the interrupted one would have read."""
+def check_resumed_data(saved: dict, current: dict, step: int, allow_change: bool) -> list[str]:
+  """A resumed run must read the batches the interrupted one would have read: what
+  differs is an error, unless `allow_change` (then a warning). Returns what differs."""
   if saved['tokenizer_sha256'] != current['tokenizer_sha256']:
     raise UserError(f'the checkpoint at step {step} was trained on data with another tokenizer '
                     f'({saved["tokenizer_sha256"][:12]}..., now {current["tokenizer_sha256"][:12]}...)')
-  changed = [f'{k} {saved[k]} -> {current[k]}' for k in current if saved.get(k) != current[k]]
+  changed = [f'{k} {_short(saved.get(k))} -> {_short(current[k])}' for k in current
+             if k in saved and saved[k] is not None and saved[k] != current[k]]
+  if changed and not allow_change:
+    raise UserError(f'resuming at step {step} would read other batches than the interrupted run ('
+                    f'{"; ".join(changed)}); restore those settings and data, or resume with --allow-data-change '
+                    'to go on with these (recorded in config.json)')
   if changed:
-    log.warning('resuming at step %d with other data settings (%s): from here on the batches differ '
-                'from those the interrupted run would have read', step, '; '.join(changed))
+    log.warning('resuming at step %d with other data (%s): from here on the batches differ from those the '
+                'interrupted run would have read', step, '; '.join(changed))
+  return changed
+
+
+def _short(value):
+  return f'{value[:12]}...' if isinstance(value, str) and len(value) == 64 else value
 
 
 def mean_metrics(pending: list[dict]) -> dict[str, float]:
@@ -222,11 +237,13 @@ def first_nonfinite(pending: list[dict], first_step: int) -> int | None:
   return None
 
 
-def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: str = 'auto') -> dict[str, float]:
+def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: str = 'auto',
+          allow_data_change: bool = False) -> dict[str, float]:
   """Runs `config.total_steps` steps, writing everything under `workdir`; returns the last metrics.
 
   `workdir` may be local or remote (gs://...). Resumes from the checkpoints in
-  `workdir` (see `Checkpoints.restore` for `resume`).
+  `workdir` (see `Checkpoints.restore` for `resume`); a resume whose data or data
+  settings differ from the checkpoint's is refused unless `allow_data_change`.
   Raises Preempted after saving when a stop signal arrives, Diverged when the loss is
   not finite (and nonfinite='stop'), UserError for bad input or when another job
   trains in `workdir` (process 0 holds its lock, trainer.lock).
@@ -234,10 +251,11 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: st
   validate(config, jax.device_count())
   workdir = epath.Path(workdir)
   with RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-    return _train(config, workdir, resume)
+    return _train(config, workdir, resume, allow_data_change)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str) -> dict[str, float]:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str,
+           allow_data_change: bool) -> dict[str, float]:
   is_main = jax.process_index() == 0
   mesh = make_mesh(config)
   model_cfg = ModelConfig(**config.model)
@@ -262,11 +280,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str) 
       max_to_keep=config.checkpoint.max_to_keep, keep_every_steps=config.checkpoint.keep_every_steps,
       async_save=config.checkpoint.async_save)
   restored = checkpoints.restore(program.abstract_state, resume, model=config.model.to_dict())
-  train_seconds = 0.0
+  train_seconds, data_changes = 0.0, []
   if restored:
     state, meta = restored
     train_seconds = meta.get('train_seconds', 0.0)
-    check_resumed_data(meta['data']['fingerprint'], fingerprint, int(state.step))
+    data_changes = check_resumed_data(meta['data']['fingerprint'], fingerprint, int(state.step), allow_data_change)
     log.info('resumed from the checkpoint at step %d', int(state.step))
   else:
     state = program.init(config.seed)
@@ -275,8 +293,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str) 
     workdir.mkdir(parents=True, exist_ok=True)
     kept = {'records': len(selection), 'of': manifest['splits']['train']['records'],
             'ids_sha256': fingerprint['selection_sha256']} if selection is not None else None
-    (workdir / 'config.json').write_text(
-        json.dumps({'config': resolved, 'selection': kept, 'versions': written_by}, indent=2))
+    # The data changes allowed on resume stay on record, whatever config wrote the file last.
+    written = workdir / 'config.json'
+    history = json.loads(written.read_text()).get('data_changes', []) if written.exists() else []
+    if data_changes:
+      history.append({'step': int(state.step), 'changes': data_changes})
+    written.write_text(json.dumps({'config': resolved, 'selection': kept, 'versions': written_by,
+                                   'data_changes': history}, indent=2))
   seq_len, global_batch = config.data.seq_len, config.data.global_batch_size
   flops = flops_per_token(model_cfg, seq_len)
   log.info('model: %.1fM parameters, %.3g training FLOPs/token; mesh %s on %d %s device(s)',
