@@ -3,6 +3,7 @@ disjoint hosts, a state that is just the step, packing that respects documents."
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,3 +277,32 @@ def test_token_bytes_count_utf8_bytes(tiny_data):
   sizes = data.token_bytes(tiny_data / 'tokenizer.model')
   assert sizes[sp.encode('the king speaks')].sum() == len(' the king speaks')  # with sentencepiece's leading space
   assert sizes[sp.eos_id()] == 0
+
+
+def test_a_truncated_or_missing_shard_is_named_when_the_data_is_opened(tmp_path, tiny_data):
+  """Issue 16, defect 6 and 7: a damaged shard surfaced only when its record was read (a
+  traceback naming no file); a truncated validation shard killed the run at its final
+  evaluation."""
+  copy = tmp_path / 'copy'
+  shutil.copytree(tiny_data, copy)
+  shard = copy / read_manifest(copy)['splits']['validation']['shards'][0]['file']
+  shard.write_bytes(shard.read_bytes()[:-100])
+  with pytest.raises(UserError, match=rf'{shard} is \d+ bytes, but salt prepare wrote \d+: it was truncated'):
+    data.TokenStream(copy, 'validation', 32)
+  shard.unlink()
+  with pytest.raises(UserError, match=rf'{shard} is missing; prepare the data again'):
+    data.TokenStream(copy, 'validation', 32)
+
+
+def test_flipped_bytes_in_a_shard_are_a_user_error_naming_the_shard(tmp_path, tiny_data):
+  copy = tmp_path / 'copy'
+  shutil.copytree(tiny_data, copy)
+  shards = read_manifest(copy)['splits']['train']['shards']
+  shard = copy / shards[0]['file']
+  damaged = bytearray(shard.read_bytes())
+  middle = len(damaged) // 2
+  damaged[middle:middle + 16] = bytes(b ^ 0xFF for b in damaged[middle:middle + 16])
+  shard.write_bytes(bytes(damaged))  # the same size: only reading finds it
+  stream = data.TokenStream(copy, 'train', 32)
+  with pytest.raises(UserError, match=rf'records 0\.\.\d+ cannot be read from {shard}.*; prepare the data again'):
+    stream.record_tokens(list(range(shards[0]['records'])))

@@ -31,6 +31,17 @@ from trainer.errors import UserError
 from trainer.prepare import read_manifest
 
 
+def _check_shard(data_dir: Path, shard: dict) -> None:
+  """A shard and its index must be there, the shard as large as `salt prepare` wrote it."""
+  for name in (shard['file'], shard['index']):
+    if not (data_dir / name).is_file():
+      raise UserError(f'{data_dir / name} is missing; prepare the data again')
+  size = (data_dir / shard['file']).stat().st_size
+  if 'bytes' in shard and size != shard['bytes']:
+    raise UserError(f'{data_dir / shard["file"]} is {size} bytes, but salt prepare wrote {shard["bytes"]}: it was '
+                    'truncated or changed since; prepare the data again')
+
+
 class TokenStream:
   """Random access to the rows of a split's token stream."""
 
@@ -40,6 +51,8 @@ class TokenStream:
     if split not in manifest['splits']:
       raise UserError(f'{data_dir} has no {split!r} split; it has {sorted(manifest["splits"])}')
     shards = [s for s in manifest['splits'][split]['shards'] if s['records']]
+    for shard in shards:
+      _check_shard(Path(data_dir), shard)
     index = [np.load(Path(data_dir) / s['index']) for s in shards]
     # Documents are numbered within a shard; offset them so that ids are unique.
     doc_offsets = np.cumsum([0] + [s['documents'] for s in shards])
@@ -52,6 +65,7 @@ class TokenStream:
     self.num_rows = -(-int(self.offsets[-1]) // self.row_len)
     self.dtype = np.dtype(manifest['dtype'])
     self.paths = [str(Path(data_dir) / s['file']) for s in shards]
+    self.shard_records = [s['records'] for s in shards]
     self._source = None
 
   def __len__(self) -> int:
@@ -67,8 +81,19 @@ class TokenStream:
     return self._source
 
   def record_tokens(self, ks: list[int]) -> list[np.ndarray]:
-    """The tokens of the stream's records ks, read together."""
-    return [np.frombuffer(raw, self.dtype) for raw in self._reader().__getitems__([int(self.records[k]) for k in ks])]
+    """The tokens of the stream's records ks, read together.
+
+    Raises UserError naming the shards read when a record cannot be read (a shard
+    changed after its size was checked, or damaged inside).
+    """
+    ids = [int(self.records[k]) for k in ks]
+    try:
+      return [np.frombuffer(raw, self.dtype) for raw in self._reader().__getitems__(ids)]
+    except Exception as e:  # ArrayRecord raises several types for damaged files
+      bounds = np.cumsum(self.shard_records)
+      files = sorted({self.paths[int(np.searchsorted(bounds, i, side='right'))] for i in ids})
+      raise UserError(f'records {ids[0]}..{ids[-1]} cannot be read from {", ".join(files)} '
+                      f'({type(e).__name__}); prepare the data again') from None
 
   def row(self, r: int) -> dict[str, np.ndarray]:
     """Tokens, segment ids and positions of row r, each [S]."""
