@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from trainer import cli
 from trainer import config as config_lib
 from trainer.errors import UserError
 
@@ -86,3 +87,27 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path):
        '--config.optim.lrr=1'], capture_output=True, text=True)
   assert result.returncode == 2
   assert result.stderr.strip() == "salt: error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"
+
+
+@pytest.mark.parametrize('body, message', [
+    ('def get_config(arg=None):\n  raise ValueError("no such size")\n',
+     "raised ValueError: no such size"),
+    ('import nowhere_to_be_found\n', "raised ModuleNotFoundError: No module named 'nowhere_to_be_found'"),
+    ('def get_config(arg=None):\n  return {"total_steps": 3}\n',
+     'returned a dict, not the ConfigDict of trainer.config.defaults()'),
+])
+def test_a_config_file_that_raises_or_returns_the_wrong_type_is_one_line(tmp_path, body, message):
+  """Issue 16: these were tracebacks from inside the user's file."""
+  path = tmp_path / 'bad.py'
+  path.write_text(body)
+  with pytest.raises(UserError) as error:
+    config_lib.load(str(path))
+  assert message in str(error.value) and '\n' not in str(error.value)
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line_with_exit_2(tmp_path, capsys):
+  blocker = tmp_path / 'file'
+  blocker.write_text('')
+  code = cli.main(['train', '--config', 'configs/demo.py', '--workdir', str(blocker / 'run')])
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith('salt: error: Not a directory: ') and 'Traceback' not in err

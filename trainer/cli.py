@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f'salt: error: {e}', file=sys.stderr)
     return 2
+  except OSError as e:  # a workdir that cannot be written, a full disk: the machine's state, not a bug
+    print(f'salt: error: {e.strerror or e}{": " + str(e.filename) if e.filename else ""}', file=sys.stderr)
+    return 2
   except Preempted as e:
     print(f'salt: {e}', file=sys.stderr)
     return PREEMPTED_EXIT_CODE

@@ -158,10 +158,18 @@ def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     raise UserError(f'config file {path!r} does not exist')
   module_spec = importlib.util.spec_from_file_location(f'salt_config_{Path(path).stem}', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise UserError(f'config file {path!r} defines no get_config(arg=None)')
-  config = module.get_config(arg or None)
+  try:
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+      raise UserError(f'config file {path!r} defines no get_config(arg=None)')
+    config = module.get_config(arg or None)
+  except UserError:
+    raise
+  except Exception as e:  # the file is the user's code: whatever it raises is its message
+    raise UserError(f'config file {spec!r} raised {type(e).__name__}: {e}') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f'get_config of {spec!r} returned a {type(config).__name__}, not the ConfigDict of '
+                    'trainer.config.defaults()')
   unknown = _unknown_keys(config, defaults())
   if unknown:
     raise UserError(f'config file {path!r} sets unknown key {unknown[0]!r}')
