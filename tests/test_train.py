@@ -83,3 +83,14 @@ def test_the_same_documents_prepared_in_another_order_are_other_data(tiny_data, 
   train(short_run(tmp_path / 'a', 2), tmp_path / 'run')
   with pytest.raises(UserError, match=r'would read other batches than the interrupted run \(train_sha256 '):
     train(short_run(tmp_path / 'b', 4), tmp_path / 'run')
+
+
+def test_a_state_too_big_for_the_devices_is_one_line_before_anything_is_allocated(tiny_data, tmp_path):
+  """Issue 16: `salt train` with a model too big was killed for memory with no message."""
+  config = tiny_config(tiny_data)
+  config.model.update(d_model=8192, n_layers=48, d_ff=32768, n_heads=64, n_kv_heads=64, head_dim=128)
+  with pytest.raises(UserError, match=r'the train state \(parameters, optimizer moments\) needs [\d.]+ GiB per '
+                                      r"device, more than the [\d.]+ [MG]iB of the host's available memory .+: it "
+                                      r'will not fit; shard it over more devices'):
+    train(config, tmp_path)
+  assert not (tmp_path / 'checkpoints').exists()

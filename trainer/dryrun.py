@@ -21,7 +21,6 @@ size stands in.
 
 import dataclasses
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -35,15 +34,13 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from trainer import checkpoint, salt, sharding, step, train
+from trainer import checkpoint, memory, salt, sharding, step, train
 from trainer import config as config_lib
 from trainer.errors import UserError
+from trainer.memory import GiB, REMEDY, STATE_REMEDY, check_fits, needed_bytes, size, state_bytes
 from trainer.metrics import peak_flops
 from trainer.model import ModelConfig, flops_per_token, param_count, recompute_flops_per_token
 
-GiB = 2 ** 30
-REMEDY = ('shard over more devices (--config.mesh.fsdp), recompute activations (--config.model.remat=save_nothing) '
-          'or lower data.global_batch_size')
 
 # Cloud TPU generations by accelerator-type prefix: libtpu's topology name prefix, the
 # dimensions of its torus, devices per chip (v4 and v5p pair two cores as one device,
@@ -117,56 +114,7 @@ def device_memory(target: Target) -> tuple[int | None, str]:
   """Bytes one device can hold, and what that figure is."""
   if target.hbm_bytes:
     return target.hbm_bytes, 'HBM per device'
-  device = jax.local_devices()[0]
-  stats = device.memory_stats() or {}
-  if stats.get('bytes_limit'):
-    return stats['bytes_limit'], f'{device.device_kind} memory limit (memory_stats bytes_limit)'
-  if device.platform == 'cpu':
-    available = _host_available()
-    if available:
-      return available // jax.local_device_count(), (f"the host's available memory "
-                                                      f'({available / GiB:.1f} GiB) over {jax.local_device_count()} '
-                                                      'CPU devices')
-  return None, 'unknown'
-
-
-def _host_available() -> int | None:
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  try:
-    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-  except (ValueError, OSError):
-    return None
-
-
-def needed_bytes(memory) -> int:
-  """Per-device bytes of a compiled program: its live arguments and outputs (donated
-  inputs counted once), temporaries and code."""
-  return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-          + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-
-
-def state_bytes(tree) -> int:
-  """Per-device bytes of a tree of sharded abstract arrays (the largest shard of each)."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def size(n: float) -> str:
-  for unit, scale in (('GiB', GiB), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
-    if n >= scale:
-      return f'{n / scale:.2f} {unit}'
-  return f'{n:.0f} B'
-
-
-def check_fits(what: str, need: int, limit: int | None, source: str, remedy: str) -> None:
-  if limit and need > limit:
-    raise UserError(f'{what} needs {size(need)} per device, more than the {size(limit)} of {source}: it will '
-                    f'not fit; {remedy}')
+  return memory.local_device_memory()
 
 
 def teacher_config(config: ml_collections.ConfigDict, teacher_spec: str | None) -> tuple[ModelConfig, bool] | None:
@@ -240,7 +188,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 3, topology: str | No
   # Before compiling (minutes, for a big program): the state alone must fit.
   check_fits('the train state (parameters, optimizer moments' + (', teacher)' if teacher else ')'),
              state_bytes(program.abstract_state) + (state_bytes(teacher.params) if teacher else 0),
-             limit, limit_source, 'shard it over more devices (--config.mesh.fsdp) or use a smaller model')
+             limit, limit_source, STATE_REMEDY)
 
   compiled = compile_stages(config, program, teacher, target)
   figures = {'params': param_count(model_cfg), 'device_bytes': limit,

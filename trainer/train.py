@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import kernels
 from kernels import attention
-from trainer import checkpoint, corpus, data, metrics, salt, sharding, step
+from trainer import checkpoint, corpus, data, memory, metrics, salt, sharding, step
 from trainer.config import mesh_shape, validate
 from trainer.errors import Diverged, Preempted, UserError
 from trainer.lock import RunLock
@@ -270,6 +270,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str,
   eval_stream = (data.TokenStream(data_dir, 'validation', config.data.seq_len)
                  if 'validation' in manifest['splits'] else None)
   program = build(config, mesh, data.token_bytes(data_dir / manifest['tokenizer']))
+  # Before anything is allocated: a state too big for the devices is one line, not an
+  # out-of-memory kill (`salt dryrun` checks the compiled step as well).
+  memory.check_fits('the train state (parameters, optimizer moments)', memory.state_bytes(program.abstract_state),
+                    *memory.local_device_memory(), memory.STATE_REMEDY)
 
   resolved = config.to_dict()
   resolved['data'].update(path=str(data_dir), tokenizer_sha256=manifest['tokenizer_sha256'])
