@@ -242,6 +242,10 @@ def without(weights: dict, name: str) -> dict:
     (dict(rope_scaling={'rope_type': 'dynamic', 'factor': 2.0}), "rope_scaling type 'dynamic'"),
     (dict(rope_scaling={'rope_type': 'llama3', 'factor': 8.0}), "rope_scaling has no 'low_freq_factor'"),
     (dict(hidden_size=None), "config.json has no 'hidden_size'"),
+    # Issue 16: wrong types were tracebacks.
+    (dict(hidden_size='2048'), "config.json hidden_size='2048' must be a positive integer"),
+    (dict(num_key_value_heads=2.5), 'config.json num_key_value_heads=2.5 must be a positive integer'),
+    (dict(num_hidden_layers=0), 'config.json num_hidden_layers=0 must be a positive integer'),
 ])
 def test_an_unsupported_config_is_refused_naming_the_field(changes, match, sp_model, tmp_path):
   hf = llama_config()

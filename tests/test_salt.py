@@ -202,6 +202,9 @@ def test_score_refuses_a_top_k_that_would_score_nothing(tiny_data, teacher_path,
   with pytest.raises(UserError, match='--top-k 0 must be >= 1'):
     score(teacher_path, tiny_data, top_k=0, output=tmp_path / 'scores.npy')
   assert not (tmp_path / 'scores.npy').exists()
+  # An output in a missing directory failed only after all the scoring.
+  with pytest.raises(UserError, match=f'--output {tmp_path}/nowhere/s.npy: the directory {tmp_path}/nowhere does not'):
+    score(teacher_path, tiny_data, output=tmp_path / 'nowhere' / 's.npy')
 
 
 def test_a_partial_score_file_is_continued_only_with_the_settings_that_made_it(tiny_data, teacher_path, tmp_path,

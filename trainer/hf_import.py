@@ -66,13 +66,21 @@ def model_settings(hf: dict) -> dict[str, Any]:
   Raises UserError naming the field of an architecture or option salt does not implement.
   """
   _check_supported(hf)
-  d_model, n_heads = _field(hf, 'hidden_size'), _field(hf, 'num_attention_heads')
+  d_model, n_heads = _size(hf, 'hidden_size'), _size(hf, 'num_attention_heads')
   return dict(
-      vocab_size=_field(hf, 'vocab_size'), d_model=d_model, n_layers=_field(hf, 'num_hidden_layers'),
-      n_heads=n_heads, n_kv_heads=hf.get('num_key_value_heads') or n_heads,
-      head_dim=hf.get('head_dim') or d_model // n_heads, d_ff=_field(hf, 'intermediate_size'),
+      vocab_size=_size(hf, 'vocab_size'), d_model=d_model, n_layers=_size(hf, 'num_hidden_layers'),
+      n_heads=n_heads, n_kv_heads=_size(hf, 'num_key_value_heads', n_heads),
+      head_dim=_size(hf, 'head_dim', d_model // n_heads), d_ff=_size(hf, 'intermediate_size'),
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)), tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       **_rope_settings(hf))
+
+
+def _size(hf: dict, key: str, default: int | None = None) -> int:
+  """A positive integer field of config.json (`default` where it is absent)."""
+  value = _field(hf, key) if default is None else hf.get(key) or default
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise UserError(f'{CONFIG} {key}={value!r} must be a positive integer')
+  return value
 
 
 def _field(hf: dict, key: str, where: str = CONFIG) -> Any:

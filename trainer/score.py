@@ -101,6 +101,8 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
   data_dir = Path(data_dir)
   manifest = read_manifest(data_dir)
   output = Path(output or data_dir / 'scores.npy')
+  if not output.parent.is_dir():
+    raise UserError(f'--output {output}: the directory {output.parent} does not exist')
   meta_config = salt.teacher_metadata(teacher_path)['config']
   seq_len = meta_config['data']['seq_len']
   batch_size = batch_size or meta_config['data']['global_batch_size']
