@@ -145,6 +145,27 @@ def test_a_run_whose_latest_checkpoint_is_bad_resumes_and_saves_that_step_again(
   assert salt_train(config, workdir) == 0  # and the next relaunch finds a finished run
 
 
+def flip_bytes_in_the_largest_file(step_dir, offset_fraction: float):
+  largest = max((p for p in step_dir.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  at = int(len(data) * offset_fraction)
+  data[at:at + 8] = bytes(b ^ 0x5A for b in data[at:at + 8])
+  largest.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('where', [0.3, 0.5, 0.7])
+def test_flipped_bytes_in_a_checkpoint_are_never_restored(tiny_data, saved_on_8_devices, tmp_path, where):
+  """Issue 16, defect 6: flipped bytes could restore silently and train into NaN."""
+  directory = copy_of(saved_on_8_devices[0], tmp_path)
+  flip_bytes_in_the_largest_file(directory / '2' / 'state', where)
+  program = program_on(tiny_config(tiny_data), tiny_data, jax.devices())
+  ckpts = checkpoint.Checkpoints(directory, every_steps=1, max_to_keep=5)
+  with pytest.raises(UserError, match=r'checkpoint at step 2 \(.*/2\) cannot be read'):
+    ckpts.restore(program.abstract_state, str(directory / '2'))
+  state, _ = ckpts.restore(program.abstract_state, 'auto')
+  assert int(state.step) == 1
+
+
 def test_resume_never_refuses_a_directory_with_checkpoints(tiny_data, saved_on_8_devices):
   program = program_on(tiny_config(tiny_data), tiny_data, jax.devices())
   ckpts = checkpoint.Checkpoints(saved_on_8_devices[0], every_steps=1, max_to_keep=5)

@@ -13,6 +13,7 @@ import signal
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -46,7 +47,9 @@ class Checkpoints:
     return step % self.every_steps == 0
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Starts saving (returns before the write completes when saves are asynchronous)."""
+    """Starts saving (returns before the write completes when saves are asynchronous).
+    The meta item carries the state's checksums, checked when it is restored."""
+    meta = {**meta, 'checksums': checksums(state)}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -135,7 +138,24 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, mod
           + ') or train this model in another --workdir')
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                            meta=ocp.args.JsonRestore()))
+  if 'checksums' in restored.meta and checksums(restored.state) != restored.meta['checksums']:
+    raise ValueError('the restored arrays fail the checksums saved with them (damaged after the save)')
   return restored.state, restored.meta
+
+
+@jax.jit
+def _sums(tree: Any) -> list[jax.Array]:
+  def one(x):
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x, bits)
+    return jnp.sum(words.astype(jnp.uint32), dtype=jnp.uint32)
+  return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def checksums(tree: Any) -> list[int]:
+  """Per array, the sum of its bits as unsigned words modulo 2**32: any flipped bit
+  changes it, and the sum is the same however the array is sharded."""
+  return [int(x) for x in jax.device_get(_sums(tree))]
 
 
 def _restore_path(path: epath.Path, abstract_state: Any, model: dict | None) -> tuple[Any, dict]:
