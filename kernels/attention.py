@@ -43,6 +43,8 @@ FASTEST = {
     'tpu': ('splash', 'xla'),
     'cpu': ('xla',),
 }
+# Where each kernel runs; the Pallas ones also in interpret mode on CPU.
+RUNS_ON = {'cudnn': ('gpu',), 'pallas_gpu': ('gpu', 'cpu'), 'splash': ('tpu', 'cpu')}
 # Blocks of the query and key sequence the Pallas kernels walk; L must be a multiple.
 SPLASH_BLOCK = 512
 PALLAS_GPU_BLOCK = 128
@@ -142,9 +144,9 @@ def unsupported(impl: str, backend: str, dtype: jnp.dtype, seq_len: int, head_di
   """Why `impl` cannot run attention of this shape on `backend`, or None."""
   if impl == 'xla':
     return None
-  home = {'cudnn': 'gpu', 'pallas_gpu': 'gpu', 'splash': 'tpu'}[impl]
-  if backend not in (home, 'cpu') or impl == 'cudnn' and backend == 'cpu':
-    return f'{impl} runs on {home}{"" if impl == "cudnn" else " (and interpreted on cpu)"}, not {backend}'
+  if backend not in RUNS_ON[impl]:
+    return f'{impl} runs on {RUNS_ON[impl][0]}{" (and interpreted on cpu)" if "cpu" in RUNS_ON[impl] else ""}, ' \
+           f'not {backend}'
   if impl == 'cudnn' and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return f'cudnn attention needs bfloat16 or float16 activations, not {jnp.dtype(dtype).name}'
   if impl == 'cudnn' and (head_dim % 8 or head_dim > 128):

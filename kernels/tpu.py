@@ -1,9 +1,7 @@
-"""What salt needs to know of a TPU generation, from jax's own table (pltpu.get_tpu_info_for_chip).
+"""The VMEM a TPU generation gives a kernel, from jax's own table (pltpu.get_tpu_info_for_chip).
 
-The kernels size their blocks to a generation's VMEM; the dry run bounds a step's
-time by its HBM bandwidth and peak FLOP/s. A device is named by its `device_kind`
-(as real and compile-only topology devices report it) and its TensorCores (two for a
-v4 or v5p megacore device).
+The loss kernels size their blocks to it. A device is named by its `device_kind`, as
+real and compile-only topology devices report it.
 """
 
 from jax.experimental.pallas import tpu as pltpu
@@ -20,12 +18,6 @@ CHIPS = {
 MiB = 2 ** 20
 
 
-def info(device_kind: str, cores: int = 1) -> pltpu.TpuInfo | None:
-  """jax's facts for one TensorCore of this generation, or None for another kind of device."""
-  chip = CHIPS.get(device_kind)
-  return None if chip is None else pltpu.get_tpu_info_for_chip(chip, cores)
-
-
 def vmem_limit(device_kind: str) -> int | None:
   """Scoped VMEM bytes a kernel may ask for on this generation (None: not a known TPU).
 
@@ -33,7 +25,8 @@ def vmem_limit(device_kind: str) -> int | None:
   v5e and v6e) the kernels ask for three quarters of it and leave the rest to the
   compiler. A v4 core has 16 MiB in all.
   """
-  chip = info(device_kind)
+  chip = CHIPS.get(device_kind)
   if chip is None:
     return None
-  return max(16 * MiB, chip.vmem_capacity_bytes * 3 // 4)
+  # Per TensorCore: a megacore device's kernel runs on one core's VMEM.
+  return max(16 * MiB, pltpu.get_tpu_info_for_chip(chip, 1).vmem_capacity_bytes * 3 // 4)
