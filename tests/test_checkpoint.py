@@ -2,8 +2,11 @@
 half-written or unreadable checkpoint unless the user allows the fallback."""
 
 import random
+import resource
 import shutil
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -219,3 +222,24 @@ def test_a_changed_model_on_resume_names_what_differs_and_keeps_the_checkpoints(
             in str(error.value))
   assert (tmp_path / 'run' / 'checkpoints' / '2').is_dir()
   assert not (tmp_path / 'run' / 'checkpoints-unreadable').exists()
+
+
+def test_a_full_disk_during_an_asynchronous_save_is_one_line_and_the_run_resumes(tiny_data, tmp_path):
+  """Issue 16: storage that refuses a save surfaced from Orbax's thread as a traceback
+  with exit 1, which the launcher retries. A file-size limit makes the disk refuse the
+  checkpoint's arrays (EFBIG) while the run's small files still fit."""
+  config_file = write_config(tmp_path / 'tiny.py', tiny_data, 6, every_steps=2)
+  workdir = tmp_path / 'run'
+
+  def small_files_only():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+  failed = subprocess.run([sys.executable, '-m', 'trainer.cli', 'train', '--config', config_file,
+                           '--workdir', str(workdir)], preexec_fn=small_files_only, capture_output=True, text=True)
+  assert failed.returncode == 2
+  assert failed.stderr.strip().splitlines()[-1] == (
+      f'salt: error: a checkpoint could not be written in {workdir / "checkpoints"}: File too large; make room '
+      'there (or set --config.checkpoint.max_to_keep lower) and run again to resume from the last checkpoint')
+  assert salt_train(config_file, workdir) == 0
+  assert [int(p.name) for p in sorted((workdir / 'checkpoints').iterdir())] == [2, 4, 6]

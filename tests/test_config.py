@@ -49,6 +49,7 @@ def test_int_is_accepted_for_a_float_key():
     (['--config.log.every_steps=0'], 'log.every_steps=0 must be positive'),
     (['--config.eval.every_steps=0'], 'eval.every_steps=0 must be positive'),
     (['--config.eval.batches=0'], 'eval.batches=0 must be positive'),
+    (['--config.data.global_batch_size=0'], 'data.global_batch_size=0 must be positive'),
     (['--config.sharding.mlp=model'], "sharding.mlp='model' names mesh axis 'model'"),
     (['--config.optim'], "override '--config.optim' has no value"),
     (['--config.optim=1'], "config key 'optim' is a group; set one of its keys"),

@@ -294,15 +294,41 @@ def test_a_truncated_or_missing_shard_is_named_when_the_data_is_opened(tmp_path,
     data.TokenStream(copy, 'validation', 32)
 
 
-def test_flipped_bytes_in_a_shard_are_a_user_error_naming_the_shard(tmp_path, tiny_data):
+def flip_bytes_in_the_middle(path):
+  damaged = bytearray(path.read_bytes())
+  middle = len(damaged) // 2
+  damaged[middle:middle + 16] = bytes(b ^ 0xFF for b in damaged[middle:middle + 16])
+  path.write_bytes(bytes(damaged))  # the same size: only reading finds it
+
+
+def test_flipped_bytes_in_a_shard_are_found_when_the_data_is_opened(tmp_path, tiny_data):
+  """Issue 16, defect 6: flipped bytes in a shard were found only when that record was
+  read, with a traceback naming no file. The manifest's hashes find them at the start."""
   copy = tmp_path / 'copy'
   shutil.copytree(tiny_data, copy)
   shards = read_manifest(copy)['splits']['train']['shards']
   shard = copy / shards[0]['file']
-  damaged = bytearray(shard.read_bytes())
-  middle = len(damaged) // 2
-  damaged[middle:middle + 16] = bytes(b ^ 0xFF for b in damaged[middle:middle + 16])
-  shard.write_bytes(bytes(damaged))  # the same size: only reading finds it
-  stream = data.TokenStream(copy, 'train', 32)
+  flip_bytes_in_the_middle(shard)
+  with pytest.raises(UserError, match=rf"{shard} does not hold what salt prepare wrote \(its sha256 differs"):
+    data.TokenStream(copy, 'train', 32)
+  # Without hashing (a corpus too large to read at every start) a record that cannot be
+  # read still names its shard.
+  stream = data.TokenStream(copy, 'train', 32, verify_hashes=False)
   with pytest.raises(UserError, match=rf'records 0\.\.\d+ cannot be read from {shard}.*; prepare the data again'):
     stream.record_tokens(list(range(shards[0]['records'])))
+
+
+def test_flipped_bytes_in_a_shard_index_are_found_when_the_data_is_opened(tmp_path, tiny_data):
+  copy = tmp_path / 'copy'
+  shutil.copytree(tiny_data, copy)
+  index = copy / read_manifest(copy)['splits']['validation']['shards'][0]['index']
+  flip_bytes_in_the_middle(index)
+  with pytest.raises(UserError, match=rf'{index} does not hold what salt prepare wrote'):
+    data.TokenStream(copy, 'validation', 32)
+
+
+def test_a_corpus_with_no_text_is_one_line(tmp_path):
+  """Issue 16: a corpus with no sentences was sentencepiece's internal check failing."""
+  (tmp_path / 'blank.txt').write_text('\n\n   \n')
+  with pytest.raises(UserError, match=r'^the inputs hold no text to train a vocabulary on'):
+    prepare([str(tmp_path / 'blank.txt')], tmp_path / 'out', vocab_size=300, workers=1)

@@ -7,8 +7,11 @@ Orbax writes a step into a temporary directory and renames it when complete, so 
 save that dies midway leaves nothing `all_steps()` lists: it is never restored.
 """
 
+import contextlib
+import errno
 import logging
 import os
+import re
 import signal
 from typing import Any
 
@@ -50,8 +53,25 @@ class Checkpoints:
     """Starts saving (returns before the write completes when saves are asynchronous).
     The meta item carries the state's checksums, checked when it is restored."""
     meta = {**meta, 'checksums': checksums(state)}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    with self._writing():
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """A save that the storage refuses (full, over quota, read-only) is one line: running
+    again cannot help. An asynchronous save fails in Orbax's thread and surfaces at the
+    next save, wait or close, so all three pass through here."""
+    try:
+      yield
+    except Exception as e:
+      code = _STORAGE_ERRORS.search(str(e))
+      errno_ = e.errno if isinstance(e, OSError) else int(code.group(1)) if code else None
+      if errno_ not in _STORAGE_ERRNOS:
+        raise
+      raise UserError(f'a checkpoint could not be written in {self.directory}: {os.strerror(errno_)}; '
+                      'make room there (or set --config.checkpoint.max_to_keep lower) and run again to resume '
+                      'from the last checkpoint') from None
 
   def restore(self, abstract_state: Any, resume: str, model: dict | None = None) -> tuple[Any, dict] | None:
     """(state, meta) to resume from, or None to start fresh.
@@ -115,10 +135,18 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Blocks until every started save has been committed."""
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
+    with self._writing():
+      self.manager.close()
+
+
+# Storage that refuses writes: no space, file too large, over quota, read-only. TensorStore
+# reports the errno in its message.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
+_STORAGE_ERRORS = re.compile(r"os_error_code='(\d+)'")
 
 
 # The model settings that decide the shapes of the parameters.

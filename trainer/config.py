@@ -62,6 +62,9 @@ def defaults() -> ml_collections.ConfigDict:
       global_batch_size=32,
       shuffle_seed=0,
       workers=0,  # loader worker processes per host; 0 reads in threads of the trainer
+      # Hash every shard against the manifest when the data is opened (a full read, in
+      # parallel); False checks sizes only, for a corpus too large to read at every start.
+      verify_hashes=True,
       # sha256 of the sentencepiece model the model is trained with; '' adopts the
       # data's, and the resolved config records it.
       tokenizer_sha256='',
@@ -333,8 +336,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
            f'mesh.dcn_data={config.mesh.dcn_data} must be positive and divide the data axis ({sizes["data"]})')
   batch_axes = [a for a in config.sharding.batch.split(',') if a]
   shards = math.prod(sizes[a] for a in batch_axes)
+  _require(d.global_batch_size > 0, f'data.global_batch_size={d.global_batch_size} must be positive')
   _require(
-      d.global_batch_size > 0 and d.global_batch_size % shards == 0,
+      d.global_batch_size % shards == 0,
       f'data.global_batch_size={d.global_batch_size} does not divide over the batch axes '
       f'{"*".join(f"{a}={sizes[a]}" for a in batch_axes)}; use a multiple of {shards}')
 

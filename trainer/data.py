@@ -20,6 +20,9 @@ A batch is a dict of [B/P, L] numpy arrays:
   weights               1.0 where the target follows in the same document, else 0.0
 """
 
+import concurrent.futures
+import logging
+import time
 from pathlib import Path
 
 import absl.flags
@@ -28,31 +31,56 @@ import numpy as np
 import sentencepiece as spm
 
 from trainer.errors import UserError
-from trainer.prepare import read_manifest
+from trainer.prepare import file_sha256, read_manifest
 
 
-def _check_shard(data_dir: Path, shard: dict) -> None:
-  """A shard and its index must be there, the shard as large as `salt prepare` wrote it."""
-  for name in (shard['file'], shard['index']):
-    if not (data_dir / name).is_file():
-      raise UserError(f'{data_dir / name} is missing; prepare the data again')
-  size = (data_dir / shard['file']).stat().st_size
-  if 'bytes' in shard and size != shard['bytes']:
-    raise UserError(f'{data_dir / shard["file"]} is {size} bytes, but salt prepare wrote {shard["bytes"]}: it was '
-                    'truncated or changed since; prepare the data again')
+# Shards already hashed by this process, keyed by (path, size, mtime): a run opens the
+# training split more than once (all records, a selection) and need not read it twice.
+_verified: set[tuple[str, int, int]] = set()
+
+
+def _check_shard(data_dir: Path, shard: dict, verify_hashes: bool) -> None:
+  """A shard and its index must be there and hold what `salt prepare` wrote (size, and
+  with `verify_hashes` the sha256 of each), so damage is found at the start, by file name."""
+  files = [(shard['file'], shard.get('bytes'), shard.get('sha256')), (shard['index'], None, shard.get('index_sha256'))]
+  for name, size, sha256 in files:
+    path = data_dir / name
+    if not path.is_file():
+      raise UserError(f'{path} is missing; prepare the data again')
+    stat = path.stat()
+    if size is not None and stat.st_size != size:
+      raise UserError(f'{path} is {stat.st_size} bytes, but salt prepare wrote {size}: it was truncated or changed '
+                      'since; prepare the data again')
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if verify_hashes and sha256 and key not in _verified:
+      if file_sha256(path) != sha256:
+        raise UserError(f'{path} does not hold what salt prepare wrote (its sha256 differs from the manifest\'s): '
+                        'it was damaged or changed since; prepare the data again')
+      _verified.add(key)
+
+
+def _check_shards(data_dir: Path, shards: list[dict], verify_hashes: bool) -> None:
+  # Hashing reads every byte: shards are read in parallel (hashlib releases the GIL).
+  start, hashed = time.perf_counter(), len(_verified)
+  with concurrent.futures.ThreadPoolExecutor(min(8, len(shards) or 1)) as pool:
+    list(pool.map(lambda shard: _check_shard(data_dir, shard, verify_hashes), shards))
+  if len(_verified) > hashed:
+    logging.info('verified %d files of %s against the manifest in %.1f s (data.verify_hashes)',
+                 len(_verified) - hashed, data_dir, time.perf_counter() - start)
 
 
 class TokenStream:
   """Random access to the rows of a split's token stream."""
 
-  def __init__(self, data_dir: Path, split: str, seq_len: int, records: np.ndarray | None = None):
-    """`records`: the record ids to read, ascending (a selection); None reads them all."""
+  def __init__(self, data_dir: Path, split: str, seq_len: int, records: np.ndarray | None = None,
+               verify_hashes: bool = True):
+    """`records`: the record ids to read, ascending (a selection); None reads them all.
+    `verify_hashes`: hash every shard against the manifest (else sizes only)."""
     manifest = read_manifest(data_dir)
     if split not in manifest['splits']:
       raise UserError(f'{data_dir} has no {split!r} split; it has {sorted(manifest["splits"])}')
     shards = [s for s in manifest['splits'][split]['shards'] if s['records']]
-    for shard in shards:
-      _check_shard(Path(data_dir), shard)
+    _check_shards(Path(data_dir), shards, verify_hashes)
     index = [np.load(Path(data_dir) / s['index']) for s in shards]
     # Documents are numbered within a shard; offset them so that ids are unique.
     doc_offsets = np.cumsum([0] + [s['documents'] for s in shards])

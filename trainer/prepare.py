@@ -141,12 +141,18 @@ def train_tokenizer(documents: Iterator[str], vocab_size: int, model_path: Path)
           remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, user_defined_symbols=['\n'],
           input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
     except RuntimeError as e:
+      if 'sentences_.empty()' in str(e):
+        raise UserError('the inputs hold no text to train a vocabulary on (every document is empty or blank)') from None
       raise UserError(f'sentencepiece could not train a {vocab_size}-token vocabulary: {e}') from None
     _atomic_copy(Path(f'{tmp}/sp.model'), model_path)
 
 
 def file_sha256(path: Path) -> str:
-  return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
@@ -191,6 +197,7 @@ def _tokenize_file(task: dict) -> dict:
   os.replace(output / f'{stem}.index.npz.partial', output / f'{stem}.index.npz')
   summary = {'file': shard.name, 'index': f'{stem}.index.npz', 'source': task['source'],
              'sha256': file_sha256(shard), 'bytes': shard.stat().st_size,
+             'index_sha256': file_sha256(output / f'{stem}.index.npz'),
              'documents': documents[-1] + 1 if documents else 0, 'records': len(lengths), 'tokens': int(sum(lengths)),
              'skipped': dict(skips.counts), 'problems': skips.problems}
   partial = output / f'{stem}.json.partial'
@@ -277,8 +284,8 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
       if split == 'train':
         counts += np.load(output / shard['index'])['token_counts']
     manifest_splits[split] = {
-        'shards': [{k: s[k] for k in ('file', 'index', 'source', 'sha256', 'bytes', 'documents', 'records',
-                                      'tokens')} for s in shards],
+        'shards': [{k: s[k] for k in ('file', 'index', 'source', 'sha256', 'bytes', 'index_sha256', 'documents',
+                                      'records', 'tokens')} for s in shards],
         **{k: sum(s[k] for s in shards) for k in ('documents', 'records', 'tokens')}}
   if not manifest_splits['train']['tokens']:
     raise UserError(f'no document of {train} could be read; see the problems: {problems[:3]}')

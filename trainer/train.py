@@ -264,10 +264,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str,
   check_tokenizer(config, manifest, data_dir)
   selection = select(config.data.selection, manifest)
   n_kd = config.salt.n_kd
-  full_stream = data.TokenStream(data_dir, 'train', config.data.seq_len)
-  stage1_stream = full_stream if selection is None else data.TokenStream(
-      data_dir, 'train', config.data.seq_len, selection)
-  eval_stream = (data.TokenStream(data_dir, 'validation', config.data.seq_len)
+  open_split = functools.partial(data.TokenStream, data_dir, seq_len=config.data.seq_len,
+                                 verify_hashes=config.data.verify_hashes)
+  full_stream = open_split('train')
+  stage1_stream = full_stream if selection is None else open_split('train', records=selection)
+  eval_stream = (open_split('validation')
                  if 'validation' in manifest['splits'] else None)
   program = build(config, mesh, data.token_bytes(data_dir / manifest['tokenizer']))
   # Before anything is allocated: a state too big for the devices is one line, not an
