@@ -2,67 +2,49 @@
 
 import json
 import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
+from launch import tpu
 from trainer import cli
+from trainer.errors import UserError
 
-# A stand-in for gcloud: records each call's arguments as a JSON line in $GCLOUD_LOG and
-# answers from the state in $GCLOUD_STATE. describe prints the queued resource's state
-# (the next of `states` after a create) or fails when there is none; an ssh that runs
-# salt train exits with the next code of `train_exits` and, with `lose_slice`, leaves the
-# resource SUSPENDED when that code is not 0.
-GCLOUD = '''#!{python}
-import json, os, sys
-args = sys.argv[1:]
-with open(os.environ['GCLOUD_LOG'], 'a') as f:
-  f.write(json.dumps(args) + '\\n')
-path = os.environ['GCLOUD_STATE']
-with open(path) as f:
-  state = json.load(f)
-code = 0
-if args[2:4] == ['queued-resources', 'create']:
-  state['exists'], state['states'] = True, list(state['after_create'])
-elif args[2:4] == ['queued-resources', 'describe']:
-  if state['exists']:
-    print(state['states'].pop(0) if len(state['states']) > 1 else state['states'][0])
-  else:
-    print('NOT_FOUND', file=sys.stderr)
-    code = 1
-elif args[2:4] == ['queued-resources', 'delete']:
-  state['exists'] = False
-elif args[2:4] == ['tpu-vm', 'ssh'] and 'salt train' in args[-1]:
-  print('step 1/10 ...')
-  code = state['train_exits'].pop(0)
-  if code and state['lose_slice']:
-    state['states'] = ['SUSPENDED']
-with open(path, 'w') as f:
-  json.dump(state, f)
-sys.exit(code)
-'''
-
+STANDIN = Path(__file__).with_name('gcloud_standin.py')
 
 @pytest.fixture
 def gcloud(tmp_path, monkeypatch):
-  """Puts the stand-in first on PATH; returns a function that sets its script and one that reads its calls."""
+  """Puts the stand-in (tests/gcloud_standin.py) first on PATH; returns a function that
+  scripts it and one that reads its calls."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
-  (bin_dir / 'gcloud').write_text(GCLOUD.format(python=sys.executable))
+  (bin_dir / 'gcloud').write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n')
   (bin_dir / 'gcloud').chmod(0o755)
   log, state = tmp_path / 'gcloud.log', tmp_path / 'gcloud.json'
   monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
   monkeypatch.setenv('GCLOUD_LOG', str(log))
   monkeypatch.setenv('GCLOUD_STATE', str(state))
+  monkeypatch.setenv('GCLOUD_WORKERS', str(tmp_path / 'workers'))
 
-  def script(after_create=('ACTIVE',), train_exits=(0,), lose_slice=False):
+  def script(runs=({'steps': 3},), after_create=('ACTIVE',), **more):
     state.write_text(json.dumps({'exists': False, 'states': [], 'after_create': list(after_create),
-                                 'train_exits': list(train_exits), 'lose_slice': lose_slice}))
+                                 'runs': list(runs), **more}))
 
   def calls():
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
-  return script, calls
+  yield script, calls
+  # Whatever a test left running on its workers.
+  for script_file in (tmp_path / 'workers').glob('*/salt-*.sh'):
+    subprocess.run(['bash', str(script_file), 'stop'], env={**os.environ, 'HOME': str(script_file.parent)},
+                   capture_output=True)
 
 
 @pytest.fixture(scope='module')
@@ -74,106 +56,279 @@ def config_file(tmp_path_factory):
   return str(path)
 
 
-def launch_tpu(config_file, *extra):
+def tpu_args(config_file, *extra):
   # v5p-16: 8 devices, over which the tiny config's batch of 8 divides.
-  return cli.main(['launch', 'tpu', '--project', 'proj', '--zone', 'us-east5-a', '--accelerator-type', 'v5p-16',
-                   '--bucket', 'gs://bucket', '--name', 'run1', '--config', config_file, '--poll', '0',
-                   '--backoff', '0', '--package', 'salt[tpu] @ git+https://example.com/salt@abc', *extra])
+  return ['launch', 'tpu', '--project', 'proj', '--zone', 'us-east5-a', '--accelerator-type', 'v5p-16',
+          '--bucket', 'gs://bucket', '--name', 'run1', '--config', config_file, '--poll', '0',
+          '--backoff', '0', '--package', 'salt[tpu] @ git+https://example.com/salt@abc', *extra]
+
+
+def launch_tpu(config_file, *extra):
+  return cli.main(tpu_args(config_file, *extra))
 
 
 def steps(calls) -> list[str]:
   """Each gcloud call by what it does."""
   names = []
   for args in calls:
+    args = args[1:] if args[0] == 'alpha' else args
     if args[2] == 'queued-resources':
       names.append(args[3])
-    elif args[3] == 'scp':
-      names.append('copy')
+    elif args[3] in ('scp', 'describe'):
+      names.append({'scp': 'copy', 'describe': 'health'}[args[3]])
     else:
-      names.append('train' if 'salt train' in args[-1] else 'install')
+      command = args[-1]
+      names.append('install' if 'uv pip install' in command else 'devices' if 'device_count' in command else
+                   command.split()[-2] if command.split()[-1].isdigit() else command.split()[-1])
   return names
 
 
-def test_launch_creates_waits_installs_trains_on_all_workers_and_deletes(gcloud, config_file, capsys):
+def worker_log(tmp_path, node='run1'):
+  return (tmp_path / 'workers' / node / 'salt-logs' / 'run1.log').read_text()
+
+
+SET_UP = ['copy', 'install', 'health', 'devices']
+
+
+def test_launch_creates_waits_installs_checks_trains_detached_follows_and_deletes(gcloud, config_file, capsys,
+                                                                                 tmp_path):
   script, calls = gcloud
   script(after_create=('WAITING_FOR_RESOURCES', 'PROVISIONING', 'ACTIVE'))
-  assert launch_tpu(config_file, '--config.optim.lr=1e-3') == 0
+  assert launch_tpu(config_file, '--config.optim.lr=1e-3', '--env', 'SALT_TEST_ENV=a b') == 0
   made = calls()
-  assert steps(made) == ['describe', 'create', 'describe', 'describe', 'describe', 'copy', 'install', 'train',
+  assert steps(made) == ['describe', 'create', 'describe', 'describe', 'describe', *SET_UP, 'start', 'follow',
                          'delete']
   where = ['--project=proj', '--zone=us-east5-a']
   assert made[1] == ['compute', 'tpus', 'queued-resources', 'create', 'run1', *where, '--accelerator-type=v5p-16',
                      '--runtime-version=v2-alpha-tpuv5', '--node-id=run1']
-  assert made[2] == ['compute', 'tpus', 'queued-resources', 'describe', 'run1', *where, '--format=value(state.state)']
-  assert made[5] == ['compute', 'tpus', 'tpu-vm', 'scp', config_file, 'run1:', *where, '--worker=all']
-  install, train = made[6], made[7]
+  assert made[2] == ['compute', 'tpus', 'queued-resources', 'describe', 'run1', *where, '--format=json']
+  assert made[5][:4] == ['compute', 'tpus', 'tpu-vm', 'scp'] and made[5][4] == config_file
+  install = made[6]
   assert install[:8] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'run1', *where, '--worker=all']
   assert 'uv pip install' in install[-1] and '"salt[tpu] @ git+https://example.com/salt@abc" gcsfs' in install[-1]
-  assert train[:8] == install[:8]
-  assert train[-1] == ('--command=export SALT_DISTRIBUTED=auto; $HOME/salt-venv/bin/salt train --config '
-                       '"$HOME/tiny.py" --workdir gs://bucket/run1 --config.optim.lr=1e-3')
+  assert made[-2][-1] == '--command=bash ~/salt-run1.sh follow 20'
   assert made[-1] == ['compute', 'tpus', 'queued-resources', 'delete', 'run1', *where, '--force', '--quiet']
-  assert 'step 1/10 ...' in capsys.readouterr().out  # the workers' log, streamed
+  out = capsys.readouterr().out
+  # The workers' logs, streamed with a worker tag (the hostname where the metadata server is missing).
+  assert re.search(r'^\[w\S+\] step 3/10$', out, re.M)
+  assert re.search(r'^\[w\S+\] env a b auto$', out, re.M)  # --env and SALT_DISTRIBUTED reach salt train
+  log = worker_log(tmp_path)  # each worker keeps its own log
+  assert 'step 3/10' in log and 'salt launch tpu: run1 starts' in log
+  worker_script = (tmp_path / 'workers' / 'run1' / 'salt-run1.sh').read_text()
+  assert ("exec salt-venv/bin/salt train --config tiny.py --workdir gs://bucket/run1 --config.optim.lr=1e-3"
+          in worker_script)
+
+
+def test_a_failed_install_is_tried_again_at_the_next_relaunch(gcloud, config_file):
+  """Issue 17, 1: a failed install on an ACTIVE slice was never retried: later relaunches
+  ran salt train on workers with no environment until the retries ran out."""
+  script, calls = gcloud
+  script(install_exits=[1])
+  assert launch_tpu(config_file) == 0
+  assert steps(calls()) == ['describe', 'create', 'describe', 'copy', 'install', 'describe',
+                            'describe', *SET_UP, 'start', 'follow', 'delete']
+
+
+def test_a_failed_queued_resource_says_why_stops_and_is_deleted(gcloud, config_file, capsys):
+  """Issue 17, 3: FAILED was recreated for hours of back-off and its reason never shown."""
+  script, calls = gcloud
+  script(after_create=('PROVISIONING', 'FAILED'), failed_reason='Quota exceeded for TPUV5P cores in us-east5')
+  assert launch_tpu(config_file) == 2
+  assert steps(calls()) == ['describe', 'create', 'describe', 'describe', 'delete']
+  assert ('the queued resource run1 FAILED: Quota exceeded for TPUV5P cores in us-east5'
+          in capsys.readouterr().err)
+
+
+def test_transient_describe_errors_are_asked_again_and_lasting_ones_stop_with_the_resource_deleted(
+    gcloud, config_file, capsys):
+  """Issue 17, 4: any describe error read as "does not exist"; create then failed with
+  ALREADY_EXISTS, the exception escaped and the final delete was skipped."""
+  script, calls = gcloud
+  script(describe_errors=2)
+  assert launch_tpu(config_file) == 0
+  assert steps(calls()).count('create') == 1
+  script(exists=True, states=['ACTIVE'], describe_errors=100)
+  assert launch_tpu(config_file) == 2
+  assert 'gcloud cannot describe the queued resource run1 (5 tries): ERROR: ' in capsys.readouterr().err
+  assert steps(calls())[-1] == 'delete'
+
+
+def test_already_exists_on_create_waits_for_the_existing_resource(gcloud, config_file):
+  script, calls = gcloud
+  script(hidden=1)
+  json_state = json.loads(open(os.environ['GCLOUD_STATE']).read())
+  json_state.update(exists=True, states=['ACTIVE'])
+  open(os.environ['GCLOUD_STATE'], 'w').write(json.dumps(json_state))
+  assert launch_tpu(config_file) == 0
+  assert steps(calls()) == ['describe', 'create', 'describe', *SET_UP, 'start', 'follow', 'delete']
 
 
 def test_preempted_training_starts_again_on_the_same_slice(gcloud, config_file):
   script, calls = gcloud
-  script(train_exits=(75, 0))
+  script(runs=[{'steps': 2, 'exit': 75}, {'steps': 3}])
   assert launch_tpu(config_file) == 0
-  assert steps(calls()) == ['describe', 'create', 'describe', 'copy', 'install', 'train',
-                            'describe', 'describe', 'train', 'delete']
+  assert steps(calls()) == ['describe', 'create', 'describe', *SET_UP, 'start', 'follow',
+                            'describe', 'describe', 'health', 'devices', 'start', 'follow', 'delete']
 
 
-def test_a_lost_slice_is_deleted_created_again_and_training_resumes(gcloud, config_file):
+def test_a_dropped_connection_stops_the_old_training_before_the_relaunch(gcloud, config_file, tmp_path):
+  """Issue 17, 5: a relaunch left the old salt train running, so the new one met the libtpu lock."""
   script, calls = gcloud
-  script(train_exits=(255, 0), lose_slice=True)
+  script(runs=[{'steps': 2, 'hang': True}, {'steps': 3}], follow_drops=1)
   assert launch_tpu(config_file) == 0
-  made = calls()
-  assert steps(made) == ['describe', 'create', 'describe', 'copy', 'install', 'train',
-                         'describe', 'describe', 'delete', 'create', 'describe', 'copy', 'install', 'train',
-                         'delete']
-  trains = [args for args in made if 'salt train' in args[-1]]
-  assert trains[0] == trains[1]  # the same command: salt train resumes from gs://bucket/run1 (--resume=auto)
+  assert steps(calls())[-4:] == ['devices', 'start', 'follow', 'delete']
+  log = worker_log(tmp_path)
+  stopped = log.index('SIGTERM: saved a checkpoint')
+  assert log.index('stopping the salt train still running here') < stopped < log.rindex('run1 starts')
 
 
-def test_relaunches_stop_at_the_retry_limit_with_the_last_exit_code(gcloud, config_file):
+def test_a_lost_slice_is_created_again_and_the_count_of_relaunches_restarts_after_progress(gcloud, config_file):
+  """Issue 17, 7: the failure count never reset, so a long spot run gave up after --retries
+  preemptions. Here each of three preemptions follows progress, and --retries is 1."""
   script, calls = gcloud
-  script(train_exits=(75, 75, 75))
+  script(runs=[{'steps': 2, 'exit': 1, 'preempt': True}, {'steps': 4, 'exit': 1, 'preempt': True},
+               {'steps': 6, 'exit': 1, 'preempt': True}, {'steps': 8}])
+  assert launch_tpu(config_file, '--retries', '1') == 0
+  made = steps(calls())
+  assert made.count('create') == 4 and made.count('install') == 4 and made[-1] == 'delete'
+
+
+def test_relaunches_without_progress_stop_at_the_retry_limit(gcloud, config_file):
+  script, calls = gcloud
+  script(runs=[{'steps': 2, 'exit': 75}, {'steps': 2, 'exit': 75}, {'steps': 2, 'exit': 75}])
   assert launch_tpu(config_file, '--retries', '2') == 75
   made = steps(calls())
-  assert made.count('train') == 3 and made[-1] == 'delete'
+  assert made.count('start') == 3 and made[-1] == 'delete'
 
 
 def test_bad_input_on_the_workers_is_not_relaunched(gcloud, config_file):
   script, calls = gcloud
-  script(train_exits=(2,))
+  script(runs=[{'steps': 0, 'exit': 2}])
   assert launch_tpu(config_file) == 2
-  assert steps(calls())[-2:] == ['train', 'delete']
+  assert steps(calls())[-3:] == ['start', 'follow', 'delete']
+
+
+def test_ctrl_c_stops_training_and_deletes_the_queued_resource(gcloud, config_file, tmp_path):
+  """Issue 17, 4: Ctrl-C skipped the final delete, and the slice kept billing."""
+  script, calls = gcloud
+  script(runs=[{'steps': 2, 'hang': True}])
+  launcher = subprocess.Popen([sys.executable, '-m', 'trainer.cli', *tpu_args(config_file)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in launcher.stdout:
+    if 'step 2/10' in line:
+      break
+  launcher.send_signal(signal.SIGINT)
+  assert launcher.wait(timeout=60) == 130
+  assert 'SIGTERM: saved a checkpoint' in worker_log(tmp_path)
+  assert steps(calls())[-2:] == ['stop', 'delete']
+  assert not json.loads(open(os.environ['GCLOUD_STATE']).read())['exists']
+
+
+def test_detach_starts_training_and_logs_follows_it(gcloud, config_file, capsys):
+  script, calls = gcloud
+  script(runs=[{'steps': 3}])
+  assert launch_tpu(config_file, '--detach') == 0
+  assert steps(calls())[-2:] == ['devices', 'start']  # kept: nothing deletes it
+  assert 'follow it with: salt launch tpu --project proj --zone us-east5-a --name run1 --logs' in (
+      capsys.readouterr().err)
+  assert cli.main(['launch', 'tpu', '--project', 'proj', '--zone', 'us-east5-a', '--name', 'run1', '--logs']) == 0
+  assert re.search(r'^\[w\S+\] step 3/10$', capsys.readouterr().out, re.M)
 
 
 def test_print_shows_every_command_and_runs_none(gcloud, config_file, capsys):
   script, calls = gcloud
   script()
-  assert launch_tpu(config_file, '--slices', '2', '--config.data.global_batch_size=16', '--spot', '--print') == 0
+  assert launch_tpu(config_file, '--slices', '2', '--config.data.global_batch_size=16', '--spot', '--print',
+                    '--config.mesh.data=1', '--config.mesh.fsdp=-1', '--internal-ips', '--tunnel-through-iap', '--labels=team=lm', '--reserved') == 0
   out = capsys.readouterr().out
   assert calls() == []
   commands = [line for line in out.splitlines() if line.startswith('gcloud ')]
   assert commands[0] == ('gcloud compute tpus queued-resources create run1 --project=proj --zone=us-east5-a '
                          '--accelerator-type=v5p-16 --runtime-version=v2-alpha-tpuv5 --node-count=2 '
-                         '--node-prefix=run1 --spot')
+                         '--node-prefix=run1 --internal-ips --reserved --labels=team=lm --spot')
   for node in ('run1-0', 'run1-1'):
-    assert [c for c in commands if f'tpu-vm ssh {node} ' in c and 'salt train' in c]
-  assert '--config.mesh.dcn_data=2' in out and 'queued-resources delete run1' in out
+    assert [c for c in commands if c.startswith(f'gcloud alpha compute tpus tpu-vm ssh {node} ')
+            and c.endswith('--worker=all --tunnel-through-iap \'--command=bash ~/salt-run1.sh start\'')]
+  worker_script = (Path(tempfile.gettempdir()) / 'salt-launch-run1' / 'salt-run1.sh').read_text()
+  assert '--config.mesh.dcn_data=2 --config.mesh.data=2' in worker_script
+  assert 'queued-resources delete run1' in out
 
 
-def test_a_config_that_does_not_fit_the_pod_fails_before_any_command(gcloud, config_file, capsys):
+README_LAUNCH = re.compile(r'^salt launch tpu .*?(?<!\\)$', re.M | re.S)
+
+
+def test_the_readme_s_launch_examples_pass_config_validation(gcloud, capsys, monkeypatch):
+  """Issue 17, 2: the README's --slices 2 example failed validation (dcn_data=2 did not
+  divide a data axis of 1)."""
   script, calls = gcloud
   script()
-  # v5p-128 has 64 devices; a batch of 8 does not divide over them.
-  assert cli.main(['launch', 'tpu', '--project', 'p', '--zone', 'z', '--accelerator-type', 'v5p-128',
-                   '--bucket', 'gs://b', '--name', 'n', '--config', config_file, '--package', 'salt']) == 2
-  assert 'data.global_batch_size=8 does not divide' in capsys.readouterr().err
+  examples = [' '.join(e.replace('\\\n', ' ').split()) for e in README_LAUNCH.findall(
+      (Path(__file__).parents[1] / 'README.md').read_text())]
+  first = examples[0]
+  assert len(examples) >= 3 and any('--slices 2' in e for e in examples)
+  monkeypatch.chdir(Path(__file__).parents[1])
+  for example in examples:
+    example = example.split('#')[0].replace(' ... ', ' ' + first[len('salt launch tpu '):] + ' ')
+    args = shlex.split(example)[1:]
+    if '--print' not in args:
+      args.append('--print')
+    assert cli.main(args) == 0, (example, capsys.readouterr().err)
   assert calls() == []
+
+
+def test_v5e_names_the_accelerator_type_gcloud_knows(config_file, capsys):
+  assert cli.main(['launch', 'tpu', '--project', 'p', '--zone', 'z', '--accelerator-type', 'v5e-256',
+                   '--bucket', 'gs://b', '--name', 'n', '--config', config_file, '--print']) == 2
+  assert 'gcloud calls v5e "v5litepod": use v5litepod-256' in capsys.readouterr().err
+
+
+def test_the_wheel_is_built_with_uv_where_pip_is_missing(monkeypatch, tmp_path):
+  """Issue 17, 8: `python -m pip wheel` failed in a uv-made environment."""
+  monkeypatch.setattr(tpu.shutil, 'which', lambda name: '/usr/bin/uv' if name == 'uv' else None)
+  build, wheel = tpu._wheel_build(tmp_path)
+  assert build[:3] == ['uv', 'build', '--wheel'] and wheel.parent == tmp_path
+  monkeypatch.setattr(tpu.shutil, 'which', lambda name: None)
+  monkeypatch.setattr(tpu.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(UserError, match='building a wheel needs uv or pip'):
+    tpu._wheel_build(tmp_path)
+
+
+@pytest.mark.skipif(not shutil.which('gcloud', path=os.environ['PATH']), reason='gcloud is not installed')
+def test_every_printed_command_passes_gcloud_s_own_argument_parser(config_file, capsys, tmp_path, monkeypatch):
+  """Real gcloud, no credentials: each command must fail at the login, not at its arguments."""
+  gcloud = shutil.which('gcloud')
+  assert cli.main(tpu_args(config_file, '--slices', '2', '--config.data.global_batch_size=16', '--spot',
+                           '--internal-ips', '--tunnel-through-iap', '--network=net', '--subnetwork=sub',
+                           '--service-account=sa@proj.iam.gserviceaccount.com', '--labels=team=lm',
+                           '--valid-until-duration=2d', '--print')) == 0
+  commands = {}
+  for line in capsys.readouterr().out.splitlines():
+    if line.startswith('gcloud '):
+      args = shlex.split(line)
+      commands.setdefault(tuple(a for a in args[:6] if not a.startswith('-')), args)  # one of each kind
+  monkeypatch.setenv('CLOUDSDK_CONFIG', str(tmp_path / 'gcloud-config'))
+  for args in commands.values():
+    done = subprocess.run([gcloud, *args[1:]], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and 'gcloud auth login' in done.stderr, (args, done.stderr)
+
+
+def test_xpk_prints_a_workload_of_salt_train_from_the_image(capsys, monkeypatch, config_file):
+  monkeypatch.chdir(Path(__file__).parents[1])
+  assert cli.main(['launch', 'xpk', '--cluster', 'tpus', '--project', 'proj', '--zone', 'us-east5-a',
+                   '--tpu-type', 'v5p-256', '--slices', '2', '--image', 'us-docker.pkg.dev/proj/r/salt:1',
+                   '--name', 'llm', '--bucket', 'gs://b', '--config', 'configs/paper.py:llm',
+                   '--env', 'LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true', '--print']) == 0
+  command = shlex.split(capsys.readouterr().out.strip())
+  assert command[:3] == ['xpk', 'workload', 'create']
+  assert {'--cluster=tpus', '--workload=llm', '--tpu-type=v5p-256', '--num-slices=2', '--project=proj',
+          '--docker-image=us-docker.pkg.dev/proj/r/salt:1', '--max-restarts=10',
+          '--env=LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true'} <= set(command)
+  assert command[-1] == ('--command=salt train --config /salt/configs/paper.py:llm --workdir gs://b/llm '
+                         '--config.mesh.dcn_data=2 --config.mesh.data=2')
+  # A config the image does not hold is refused before anything runs.
+  assert cli.main(['launch', 'xpk', '--cluster', 'tpus', '--project', 'p', '--zone', 'z', '--tpu-type', 'v5p-16',
+                   '--image', 'i', '--name', 'n', '--bucket', 'gs://b', '--config', config_file, '--print']) == 2
+  assert 'is not in this checkout, so not in the image' in capsys.readouterr().err
 
 
 def test_local_launch_prefixes_output_and_stops_all_when_one_fails(capsys):

@@ -1,11 +1,12 @@
 """`salt train` end to end on a tiny corpus: the loss falls and the run directory has it all."""
 
 import json
+import re
 
 import pytest
 
 from tests.conftest import tiny_config, write_corpus
-from trainer import cli
+from trainer import cli, progress
 from trainer.errors import UserError
 from trainer.prepare import prepare
 from trainer.train import train
@@ -94,3 +95,18 @@ def test_a_state_too_big_for_the_devices_is_one_line_before_anything_is_allocate
                                       r'will not fit; shard it over more devices'):
     train(config, tmp_path)
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_progress_where_output_is_not_a_terminal_is_plain_lines(capsys, monkeypatch):
+  """Issue 17: in a pod worker's log, CI or `| tee`, the bar's carriage returns made one
+  unreadable line; there progress is a plain line every few seconds."""
+  monkeypatch.setattr(progress, 'PLAIN_EVERY_SECONDS', 0.0)
+  bar = progress.bar(3, 1)  # resumed at step 1; capsys's streams are not terminals
+  bar.update(1)
+  bar.set_postfix_str('loss 3.214, 5,904 tok/s, MFU n/a')
+  bar.update(1)
+  bar.close()
+  lines = capsys.readouterr().err.splitlines()
+  assert re.fullmatch(r'step 2/3 \(67%\), 0:00:00 elapsed, 0:00:00 left', lines[0])
+  assert lines[1] == 'step 3/3 (100%), 0:00:00 elapsed, 0:00:00 left: loss 3.214, 5,904 tok/s, MFU n/a'
+  assert len(lines) == 2 and '\r' not in capsys.readouterr().err

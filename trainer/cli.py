@@ -83,6 +83,7 @@ def _dryrun(args, overrides):
 def parser() -> argparse.ArgumentParser:
   from launch import local as launch_local
   from launch import tpu as launch_tpu
+  from launch import xpk as launch_xpk
 
   p = argparse.ArgumentParser(prog='salt', description=__doc__)
   sub = p.add_subparsers(dest='command', required=True)
@@ -149,9 +150,10 @@ def parser() -> argparse.ArgumentParser:
                   'stage 1 then runs with a random teacher of that size')
   dr.set_defaults(run=_dryrun)
 
-  la = sub.add_parser('launch', help='run salt on a Cloud TPU pod, or as several processes on this machine')
+  la = sub.add_parser('launch', help='run salt on a Cloud TPU pod (gcloud or GKE), or as several processes here')
   where = la.add_subparsers(dest='where', required=True)
   launch_tpu.add_parser(where)
+  launch_xpk.add_parser(where)
   launch_local.add_parser(where)
 
   imp = sub.add_parser('import-teacher', help='a Llama-architecture Hugging Face model (safetensors) as a salt '

@@ -1,4 +1,4 @@
-"""What a run reports: JSON lines, TensorBoard events, a progress bar, and MFU.
+"""What a run reports: JSON lines, TensorBoard events, and MFU.
 
 Only process 0 writes; the others get a writer that does nothing, so the training
 loop never asks which process it is on.
@@ -9,7 +9,6 @@ import math
 import time
 
 import jax
-import tqdm
 from etils import epath
 from tensorboardX import SummaryWriter
 
@@ -116,11 +115,6 @@ class Throughput:
     if self.peak:
       out['mfu'] = self.flops_per_step / seconds_per_step / self.peak
     return out
-
-
-def progress_bar(total: int, initial: int, enabled: bool) -> tqdm.tqdm:
-  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
-                   bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}')
 
 
 def describe(metrics: dict[str, float]) -> str:

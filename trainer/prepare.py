@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from trainer.errors import UserError
+from trainer.progress import bar as progress_bar
 
 MANIFEST = 'manifest.json'
 SETTINGS = 'settings.json'
@@ -265,7 +265,7 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
                for t in tasks if (output / f'{t["stem"]}.json').exists()}
   todo = [t for t in tasks if t['stem'] not in summaries]
   workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
-  bar = tqdm.tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit='file', disable=not progress)
+  bar = progress_bar(len(tasks), len(tasks) - len(todo), enabled=progress, unit='file')
   if todo:
     # spawn, not fork: the caller may have started JAX's threads.
     with multiprocessing.get_context('spawn').Pool(workers, _load_tokenizer, (str(model_path),)) as pool:

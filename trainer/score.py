@@ -25,12 +25,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import tqdm
 from flax import nnx
 
 from kernels import ce_and_rank
 from kernels.attention import Attention
 from trainer import data, salt, sharding, train
+from trainer.progress import bar as progress_bar
 from trainer.config import mesh_shape
 from trainer.errors import UserError
 from trainer.prepare import read_manifest
@@ -144,8 +144,8 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
   per_process = batch_size // jax.process_count()
   mine = jax.process_index() * per_process
   start = time.perf_counter()
-  for b in tqdm.trange(first, n_batches, initial=first, total=n_batches, disable=not progress,
-                       unit='batch', desc='scoring'):
+  bar = progress_bar(n_batches, first, enabled=progress, unit='batch', desc='scoring ')
+  for b in range(first, n_batches):
     rows = range(b * batch_size + mine, b * batch_size + mine + per_process)
     # A record's windows are neighbours: read each record of the batch once.
     needed = sorted({int(records[i]) for i in rows if i < records.size})
@@ -157,6 +157,8 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
     losses[b * batch_size:(b + 1) * batch_size], learnable[b * batch_size:(b + 1) * batch_size] = loss, ok
     if (b + 1) % SAVE_EVERY == 0 and jax.process_index() == 0:
       _atomic_savez(partial, losses=losses, learnable=learnable, done=b + 1, settings=json.dumps(settings))
+    bar.update(1)
+  bar.close()
 
   window_records = np.repeat(np.pad(records, (0, n_batches * batch_size - records.size), constant_values=-1),
                              seq_len)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import kernels
 from kernels import attention
-from trainer import checkpoint, corpus, data, memory, metrics, salt, sharding, step
+from trainer import checkpoint, corpus, data, memory, metrics, progress, salt, sharding, step
 from trainer.config import mesh_shape, validate
 from trainer.errors import Diverged, Preempted, UserError
 from trainer.lock import RunLock
@@ -334,7 +334,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str,
   writer = metrics.MetricWriter(workdir, enabled=is_main)
   throughput = metrics.Throughput(flops, global_batch * seq_len, jax.devices(), train_seconds)
   stop = checkpoint.StopSignals()
-  bar = metrics.progress_bar(config.total_steps, first_step, enabled=is_main)
+  bar = progress.bar(config.total_steps, first_step, enabled=is_main)
   pending, pending_from, last = [], first_step, {}
   try:
     for step_index in range(first_step, config.total_steps):
