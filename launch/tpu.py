@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from launch import worker
+from trainer import DISTRIBUTION
 from trainer import config as config_lib
 from trainer import distributed
 from trainer.errors import PREEMPTED_EXIT_CODE, UserError
@@ -91,7 +92,7 @@ def add_parser(subparsers) -> None:
                  help='set in salt train\'s environment on every worker (LIBTPU_INIT_ARGS, XLA_FLAGS, tokens)')
   p.add_argument('--spot', action='store_true', help='Spot TPUs: cheaper, preemptible')
   p.add_argument('--package', help="what the workers install instead of a wheel of this checkout, as pip "
-                 "takes it, e.g. 'salt[tpu] @ git+https://github.com/ORG/salt@COMMIT'")
+                 "takes it, e.g. 'salt-lm[tpu] @ git+https://github.com/ORG/salt@COMMIT'")
   p.add_argument('--setup', help='a shell command run on every worker after the install (e.g. fetch the data)')
   p.add_argument('--retries', type=int, default=10, help='relaunches in a row without progress (default 10)')
   p.add_argument('--backoff', type=float, default=60, help='seconds before the first relaunch, doubling after')
@@ -285,7 +286,7 @@ def make_job(config_spec: str, overrides: list[str], workdir: str, package: str 
       'set -e', 'export PATH=$HOME/.local/bin:$PATH',
       '(command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh)',
       f'uv venv --allow-existing --python 3.12 $HOME/{VENV}',
-      f'uv pip install --python $HOME/{VENV}/bin/python --reinstall-package salt "{requirement}" gcsfs '
+      f'uv pip install --python $HOME/{VENV}/bin/python --reinstall-package {DISTRIBUTION} "{requirement}" gcsfs '
       'google-cloud-storage',
       *([setup] if setup else [])])
   return Job(name=name, build=build, files=files, install=install, script=script, devices=devices)
@@ -296,7 +297,8 @@ def _wheel_build(out: Path) -> tuple[list[str], Path]:
   root = Path(__file__).resolve().parents[1]
   if not (root / 'pyproject.toml').is_file():
     raise UserError('salt is not installed from a source checkout here; give --package')
-  wheel = out / f'salt-{importlib.metadata.version("salt")}-py3-none-any.whl'
+  # A wheel's file name spells the distribution with underscores.
+  wheel = out / f'{DISTRIBUTION.replace("-", "_")}-{importlib.metadata.version(DISTRIBUTION)}-py3-none-any.whl'
   if shutil.which('uv'):
     return ['uv', 'build', '--wheel', '--out-dir', str(out), str(root)], wheel
   if importlib.util.find_spec('pip'):

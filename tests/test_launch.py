@@ -60,7 +60,7 @@ def tpu_args(config_file, *extra):
   # v5p-16: 8 devices, over which the tiny config's batch of 8 divides.
   return ['launch', 'tpu', '--project', 'proj', '--zone', 'us-east5-a', '--accelerator-type', 'v5p-16',
           '--bucket', 'gs://bucket', '--name', 'run1', '--config', config_file, '--poll', '0',
-          '--backoff', '0', '--package', 'salt[tpu] @ git+https://example.com/salt@abc', *extra]
+          '--backoff', '0', '--package', 'salt-lm[tpu] @ git+https://example.com/salt@abc', *extra]
 
 
 def launch_tpu(config_file, *extra):
@@ -105,7 +105,7 @@ def test_launch_creates_waits_installs_checks_trains_detached_follows_and_delete
   assert made[5][:4] == ['compute', 'tpus', 'tpu-vm', 'scp'] and made[5][4] == config_file
   install = made[6]
   assert install[:8] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'run1', *where, '--worker=all']
-  assert 'uv pip install' in install[-1] and '"salt[tpu] @ git+https://example.com/salt@abc" gcsfs' in install[-1]
+  assert 'uv pip install' in install[-1] and '"salt-lm[tpu] @ git+https://example.com/salt@abc" gcsfs' in install[-1]
   assert made[-2][-1] == '--command=bash ~/salt-run1.sh follow 20'
   assert made[-1] == ['compute', 'tpus', 'queued-resources', 'delete', 'run1', *where, '--force', '--quiet']
   out = capsys.readouterr().out

@@ -1,6 +1,7 @@
 """SALT end to end on the tiny model: w schedules, the teacher, the two stages, scoring."""
 
 import json
+import logging
 import shutil
 
 import jax
@@ -161,17 +162,28 @@ def test_scores_equal_a_numpy_computation(tiny_data, teacher_path, tmp_path):
   assert sample['sampled'] == len(sampled[::3]) and sample['unscored'] == int(np.isnan(want[::3]).sum())
 
 
-def test_stage_one_reads_the_selected_records(tiny_data, teacher_path, tmp_path):
+def test_stage_one_reads_the_selected_records(tiny_data, teacher_path, tmp_path, caplog):
   n = data.read_manifest(tiny_data)['splits']['train']['records']
   fake_scores = np.arange(n, dtype=np.float32)
   fake_scores[::7] = np.nan
   np.save(tmp_path / 'scores.npy', fake_scores)
   config = salt_config(tiny_data, teacher_path)
   config.data.selection.update(scores=str(tmp_path / 'scores.npy'), rule='top', keep_fraction=0.25)
-  train.train(config, tmp_path / 'run')
+  with caplog.at_level(logging.INFO, logger='salt'):
+    train.train(config, tmp_path / 'run')
   written = json.loads((tmp_path / 'run' / 'config.json').read_text())
   kept = data.select_records(fake_scores, rule='top', keep_fraction=0.25)
   assert written['selection']['records'] == kept.size == round(0.25 * np.isfinite(fake_scores).sum())
+  # Issue 18, 4: how many passes stage 1 makes over the selection, and a warning when it repeats it.
+  rows = len(data.TokenStream(tiny_data, 'train', config.data.seq_len, records=kept))
+  read = config.salt.n_kd * config.data.global_batch_size
+  assert f'stage 1 reads {read} rows of {rows}: {read / rows:.2f} passes over its selected records' in caplog.text
+  assert read < rows and 'is smaller than stage 1 reads' not in caplog.text
+  stream = data.TokenStream(tiny_data, 'train', config.data.seq_len, records=kept)
+  with caplog.at_level(logging.INFO, logger='salt'):
+    assert train.log_stage1_passes(3 * rows, stream, selected=True) == 3.0
+  assert (f'the selection ({rows} rows) is smaller than stage 1 reads ({3 * rows} rows): each selected record is '
+          'read 3.00 times') in caplog.text
 
 
 @pytest.mark.parametrize('impl', ['pallas', 'token_chunks'])
@@ -233,3 +245,29 @@ def test_a_partial_score_file_is_continued_only_with_the_settings_that_made_it(t
   fresh = score(teacher_path, tiny_data, top_k=5, batch_size=8, output=tmp_path / 'fresh.npy', progress=False)
   np.testing.assert_array_equal(np.load(output), np.load(tmp_path / 'fresh.npy'))
   assert fresh['scored'] == restarted['scored']
+
+
+def test_micro_batches_give_the_update_of_the_whole_batch_in_both_stages(tiny_data, teacher_path):
+  """Issue 18, 5: two steps (stage 1 with the teacher, then stage 2) with 4 micro-batches
+  equal two steps of the whole batch at once: fp32, loss and metrics to 1e-5 relative,
+  parameters to 1e-5 relative (sums in another order)."""
+  manifest = data.read_manifest(tiny_data)
+  stream = data.TokenStream(tiny_data, 'train', 32)
+  batch = {k: np.stack([data.to_model_inputs(stream.row(r))[k] for r in range(32)]) for k in step.BATCH_KEYS}
+  results, loops = {}, {}
+  for micro_batches in (1, 4):
+    config = salt_config(tiny_data, teacher_path, tau=2.0)
+    config.data.update(global_batch_size=32, micro_batches=micro_batches)
+    mesh = sharding.make_mesh(mesh_shape(config.mesh, jax.device_count()))
+    program = train.build(config, mesh, np.ones(320, np.int32))
+    teacher = salt.load_teacher(teacher_path, mesh, sharding.parse_rules(config.sharding),
+                                manifest['tokenizer_sha256'])
+    global_batch = sharding.host_batch_to_global(batch, program.batch_sharding)
+    state, stage1 = program.distillation_step(teacher)(program.init(0), global_batch, teacher.params)
+    loops[micro_batches] = program.train_step.lower(state, global_batch).as_text().count('stablehlo.while')
+    state, stage2 = program.train_step(state, global_batch)
+    results[micro_batches] = jax.device_get((stage1, stage2, state.params))
+  assert loops[4] == loops[1] + 1  # the parts are a loop: one part's activations live at a time
+  assert results[1][0].keys() == results[4][0].keys() >= {'loss', 'ce', 'kd', 'grad_norm', 'top1_agreement'}
+  for got, want in zip(jax.tree.leaves(results[4]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

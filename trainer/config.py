@@ -60,6 +60,9 @@ def defaults() -> ml_collections.ConfigDict:
       path='',  # a directory written by `salt prepare`; '' = embedded Shakespeare
       seq_len=1024,
       global_batch_size=32,
+      # The global batch's gradient is summed over this many parts, one at a time: the
+      # same update, with 1/micro_batches of the activations (a large batch on few devices).
+      micro_batches=1,
       shuffle_seed=0,
       workers=0,  # loader worker processes per host; 0 reads in threads of the trainer
       # Hash every shard against the manifest when the data is opened (a full read, in
@@ -337,10 +340,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   batch_axes = [a for a in config.sharding.batch.split(',') if a]
   shards = math.prod(sizes[a] for a in batch_axes)
   _require(d.global_batch_size > 0, f'data.global_batch_size={d.global_batch_size} must be positive')
+  _require(d.micro_batches > 0, f'data.micro_batches={d.micro_batches} must be positive')
   _require(
-      d.global_batch_size % shards == 0,
+      d.global_batch_size % (shards * d.micro_batches) == 0,
       f'data.global_batch_size={d.global_batch_size} does not divide over the batch axes '
-      f'{"*".join(f"{a}={sizes[a]}" for a in batch_axes)}; use a multiple of {shards}')
+      f'{"*".join(f"{a}={sizes[a]}" for a in batch_axes)}'
+      + (f' and {d.micro_batches} micro-batches' if d.micro_batches > 1 else '')
+      + f'; use a multiple of {shards * d.micro_batches}')
 
 
 def _require(ok: bool, message: str) -> None:

@@ -91,45 +91,61 @@ def _hidden(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
   return h_BxLxD.reshape(-1, h_BxLxD.shape[-1]), model.unembedding()
 
 
-def _weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
-  return (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-
-
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     losses: LossFn, attention: Attention, skip_nonfinite: bool = False,
-                    distillation: Distillation | None = None):
+                    distillation: Distillation | None = None, micro_batches: int = 1):
   """The train step: (state, batch) -> (state, metrics), or (state, batch, teacher_params)
   -> (state, metrics) for stage 1 when `distillation` is given.
 
+  With `micro_batches` > 1 the batch's gradient is summed over that many parts, one at a
+  time (activations, teacher pass included, for one part only), for the same update as
+  the whole batch at once: every token is weighed against the whole batch's token count.
   With `skip_nonfinite`, a batch whose loss or gradient is not finite leaves parameters
   and optimizer state as they were (metric `skipped` = 1).
   """
 
-  def loss_fn(params, batch, teacher_params, step_number):
+  def loss_fn(params, batch, teacher_params, w, tokens):
+    """The batch part's share of the loss, and of each metric: all sum over the parts."""
     h, unembedding = _hidden(graphdef, params, batch, attention)
     targets, weights = batch['targets'].reshape(-1), batch['weights'].reshape(-1)
     # Each token's share of the mean: the loss kernels take it as a constant.
-    share = weights / jnp.maximum(weights.sum(), 1.0)
+    share = weights / tokens
     if distillation is None:
       ce, _ = losses(h, unembedding, targets, None, share)
       return ce, {'ce': ce}
     h_t, unembedding_t = _hidden(distillation.teacher_graphdef, teacher_params, batch,
                                  distillation.teacher_attention)
-    w = distillation.weight(step_number)
     kd_scale = distillation.tau ** 2 if distillation.tau_squared else 1.0
     loss, terms = losses(h, unembedding, targets, (h_t, unembedding_t), (1 - w) * share, w * kd_scale * share,
                          tau=distillation.tau, teacher_top_k=distillation.teacher_top_k)
-    return loss, {'ce': _weighted_mean(terms.ce, weights), 'kd': _weighted_mean(terms.kd, weights), 'w': w,
-                  'teacher_ce': _weighted_mean(terms.teacher_ce, weights),
-                  'top1_agreement': _weighted_mean(terms.agree, weights)}
+    return loss, {'ce': (terms.ce * share).sum(), 'kd': (terms.kd * share).sum(),
+                  'teacher_ce': (terms.teacher_ce * share).sum(), 'top1_agreement': (terms.agree * share).sum()}
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def gradient(params, batch, teacher_params, w):
+    tokens = jnp.maximum(batch['weights'].sum(), 1.0)
+    if micro_batches == 1:
+      return grad_fn(params, batch, teacher_params, w, tokens)
+    # Part m holds rows m, m + M, ...: each device's rows split evenly over the parts, so
+    # every part is spread over all devices as the whole batch is.
+    parts = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(-1, micro_batches, *x.shape[1:]), 1, 0), batch)
+
+    def add_part(total, part):
+      return jax.tree.map(jnp.add, total, grad_fn(params, part, teacher_params, w, tokens)), None
+
+    first = jax.tree.map(lambda x: x[0], parts)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, teacher_params, w, tokens))
+    return jax.lax.scan(add_part, zeros, parts)[0]
 
   def train_step(state: TrainState, batch: Batch, teacher_params: nnx.State | None = None):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, teacher_params, state.step)
+    w = distillation.weight(state.step) if distillation else 0.0
+    (loss, aux), grads = gradient(state.params, batch, teacher_params, w)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-               'tokens': batch['weights'].sum(), **aux}
+               'tokens': batch['weights'].sum(), **aux, **({'w': w} if distillation else {})}
     if skip_nonfinite:
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import kernels
 from kernels import attention
-from trainer import checkpoint, corpus, data, memory, metrics, progress, salt, sharding, step
+from trainer import DISTRIBUTION, checkpoint, corpus, data, memory, metrics, progress, salt, sharding, step
 from trainer.config import mesh_shape, validate
 from trainer.errors import Diverged, Preempted, UserError
 from trainer.lock import RunLock
@@ -76,8 +76,8 @@ def select(selection: ml_collections.ConfigDict, manifest: dict) -> np.ndarray |
 
 
 def versions() -> dict[str, str]:
-  return {name: importlib.metadata.version(name)
-          for name in ('salt', 'jax', 'flax', 'optax', 'orbax-checkpoint', 'grain')}
+  return {'salt': importlib.metadata.version(DISTRIBUTION),
+          **{name: importlib.metadata.version(name) for name in ('jax', 'flax', 'optax', 'orbax-checkpoint', 'grain')}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
   attend = attention_fn(config.attention.impl, model_cfg, seq_len, mesh, rules)
   skip_nonfinite = config.nonfinite == 'skip'
   train_step, eval_step = step.jit_steps(
-      step.make_train_step(graphdef, tx, schedule, losses, attend, skip_nonfinite=skip_nonfinite),
+      step.make_train_step(graphdef, tx, schedule, losses, attend, skip_nonfinite=skip_nonfinite,
+                           micro_batches=config.data.micro_batches),
       step.make_eval_step(graphdef, losses, attend, token_bytes),
       shardings, batch_sharding, mesh)
 
@@ -163,7 +164,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
                                      k.teacher_top_k)
     return step.jit_distillation_step(
         step.make_train_step(graphdef, tx, schedule, losses, attend, skip_nonfinite=skip_nonfinite,
-                             distillation=distillation),
+                             distillation=distillation, micro_batches=config.data.micro_batches),
         shardings, batch_sharding, jax.tree.map(lambda x: x.sharding, teacher.params), mesh)
 
   return Program(init=functools.partial(step.init_state, model_cfg, tx, shardings=shardings),
@@ -199,6 +200,18 @@ def data_fingerprint(config: ml_collections.ConfigDict, manifest: dict, selectio
       'seq_len': config.data.seq_len,
       'global_batch_size': config.data.global_batch_size,
   }
+
+
+def log_stage1_passes(rows: int, stream: data.TokenStream, selected: bool) -> float:
+  """How many times stage 1 reads its data (rows read over rows there); a selection read
+  more than once is said as a warning: its records are repeated. Returns the passes."""
+  passes = rows / len(stream)
+  log.info('stage 1 reads %d rows of %d: %.2f passes over its %s', rows, len(stream), passes,
+           'selected records' if selected else 'data')
+  if selected and passes > 1:
+    log.warning('the selection (%d rows) is smaller than stage 1 reads (%d rows): each selected record is read '
+                '%.2f times; keep more (data.selection.keep_fraction) or shorten salt.n_kd', len(stream), rows, passes)
+  return passes
 
 
 def check_resumed_data(saved: dict, current: dict, step: int, allow_change: bool) -> list[str]:
@@ -312,6 +325,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str,
            jax.devices()[0].device_kind)
   log.info('data: %s (%d training tokens, %d rows of %d); unigram entropy %.3f nats/token',
            data_dir, full_stream.offsets[-1], len(full_stream), seq_len + 1, manifest['unigram_entropy'])
+  if n_kd:
+    log_stage1_passes(n_kd * global_batch, stage1_stream, selected=selection is not None)
   if selection is not None:
     log.info('stage 1 reads %d of %d records (%d tokens), selected by %s', len(selection),
              manifest['splits']['train']['records'], stage1_stream.offsets[-1], config.data.selection.rule)
