@@ -417,8 +417,9 @@ def run_everywhere(pod: Pod, command: str, steps: list[int] | None = None) -> in
   code, or 0. `steps[0]` becomes the furthest training step the output reports."""
   nodes, steps = pod.nodes(), steps or [0]
   codes = [0] * len(nodes)
+  # Daemons: after Ctrl-C the launcher stops training and exits without waiting for them.
   threads = [threading.Thread(target=_stream, args=(pod.ssh(node, command), f'[{node}] ' if len(nodes) > 1 else '',
-                                                    codes, i, steps)) for i, node in enumerate(nodes)]
+                                                    codes, i, steps), daemon=True) for i, node in enumerate(nodes)]
   for thread in threads:
     thread.start()
   for thread in threads:

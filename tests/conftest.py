@@ -43,6 +43,12 @@ def tiny_data(tmp_path_factory):
   return out
 
 
+@pytest.fixture(scope='session')
+def sp_model(tiny_data):
+  """The tiny corpus's sentencepiece model (320 tokens)."""
+  return tiny_data / 'tokenizer.model'
+
+
 def tiny_config(data_dir=None):
   """A model small enough that a step compiles and runs in about a second on CPU."""
   c = defaults()

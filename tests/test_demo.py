@@ -1,9 +1,11 @@
 """`salt demo` end to end on the tiny corpus: every stage, the report, and skipping done work."""
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import tiny_config
 from trainer import demo
@@ -44,6 +46,28 @@ def test_the_demo_runs_every_stage_writes_its_report_and_then_skips_done_work(ti
     demo.run(Path('demo'), tiny_demo_config(tiny_data), score_batch=8)
   done = [r.message for r in caplog.records if r.message.startswith('== ')]
   assert len(done) == 4 and all(': done (' in m for m in done)
+
+  # Issue 18, 3: a second seed reuses the SLM, its scores and seed 0's students.
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='salt'):
+    demo.run(Path('demo'), tiny_demo_config(tiny_data), score_batch=8, seeds=2)
+  trained = [r.message for r in caplog.records if r.message.startswith('== ') and ': done (' not in r.message]
+  assert trained == ['== 3/4 the student, baseline (seed 1 of 2): demo/baseline-seed1',
+                     '== 4/4 the student with SALT (seed 1 of 2): demo/salt-seed1']
+  text = report.read_text()
+  assert '## 2 seeds' in text and re.search(r'^\| 1 \| \d\.\d{4} \| \d\.\d{4} \| [+-]\d\.\d{4} \| ', text, re.M)
+  assert re.search(r'Paired difference SALT - baseline: [+-]\d\.\d{4} nats/token, 95% interval '
+                   r'\[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]', text)
+  assert re.search(r'baseline \d\.\d{4} ± \d\.\d{4}, SALT \d\.\d{4} ± \d\.\d{4}', text)
+
+
+def test_the_paired_interval_is_student_s_t_on_the_differences():
+  salt_final, baseline_final = np.array([4.60, 4.70, 4.65]), np.array([4.70, 4.72, 4.70])
+  mean, low, high = demo.paired_difference(salt_final, baseline_final)
+  d = salt_final - baseline_final
+  assert mean == pytest.approx(d.mean())
+  assert high - mean == pytest.approx(4.303 * d.std(ddof=1) / np.sqrt(3))  # t(0.975, 2 degrees of freedom)
+  assert low == pytest.approx(2 * mean - high)
 
 
 def test_first_reach_interpolates_between_evaluations():

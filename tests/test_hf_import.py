@@ -81,11 +81,6 @@ def write_model(directory, hf: dict, weights: dict, *, tokenizer=None, shards: i
   return directory
 
 
-@pytest.fixture(scope='module')
-def sp_model(tiny_data):
-  return tiny_data / 'tokenizer.model'
-
-
 # The NumPy reference, from the Hugging Face Llama code: float64, its own names and layout.
 
 def reference_inv_freq(hf: dict) -> np.ndarray:

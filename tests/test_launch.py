@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -212,13 +213,16 @@ def test_ctrl_c_stops_training_and_deletes_the_queued_resource(gcloud, config_fi
   """Issue 17, 4: Ctrl-C skipped the final delete, and the slice kept billing."""
   script, calls = gcloud
   script(runs=[{'steps': 2, 'hang': True}])
-  launcher = subprocess.Popen([sys.executable, '-m', 'trainer.cli', *tpu_args(config_file)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  for line in launcher.stdout:
-    if 'step 2/10' in line:
-      break
+  out = tmp_path / 'launcher.out'
+  with open(out, 'w') as stdout:
+    launcher = subprocess.Popen([sys.executable, '-m', 'trainer.cli', *tpu_args(config_file)], stdout=stdout,
+                                stderr=subprocess.STDOUT)
+  deadline = time.time() + 120
+  while 'step 2/10' not in out.read_text():
+    assert launcher.poll() is None and time.time() < deadline, out.read_text()
+    time.sleep(0.05)
   launcher.send_signal(signal.SIGINT)
-  assert launcher.wait(timeout=60) == 130
+  assert launcher.wait(timeout=120) == 130, out.read_text()
   assert 'SIGTERM: saved a checkpoint' in worker_log(tmp_path)
   assert steps(calls())[-2:] == ['stop', 'delete']
   assert not json.loads(open(os.environ['GCLOUD_STATE']).read())['exists']

@@ -1,4 +1,4 @@
-"""The `salt` command: train, demo, prepare, score, import-teacher, dryrun, launch."""
+"""The `salt` command: train, demo, prepare, score, import-teacher, export, dryrun, launch."""
 
 import argparse
 import logging
@@ -25,7 +25,9 @@ def _demo(args, overrides):
 
   if overrides:
     raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
-  demo.run(Path(args.workdir))
+  if args.seeds < 1:
+    raise UserError(f'--seeds {args.seeds} must be at least 1')
+  demo.run(Path(args.workdir), seeds=args.seeds)
 
 
 def _prepare(args, overrides):
@@ -71,6 +73,18 @@ def _import_teacher(args, overrides):
            summary['config']['model']['vocab_size'])
 
 
+def _export(args, overrides):
+  from trainer.hf_export import export
+
+  if overrides:
+    raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
+  summary = export(Path(args.checkpoint), Path(args.output), tokenizer=args.tokenizer, dtype=args.dtype,
+                   max_shard_gb=args.max_shard_gb)
+  log.info('exported %.1fM parameters (%s) to %s: %s\n  evaluate: lm_eval --model hf --model_args pretrained=%s '
+           '--tasks TASKS', summary['parameters'] / 1e6, summary['dtype'], summary['output'],
+           ', '.join(summary['files']), summary['output'])
+
+
 def _dryrun(args, overrides):
   from trainer import config as config_lib
   from trainer import distributed, dryrun
@@ -106,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
 
   dm = sub.add_parser('demo', help='the whole SALT method on the embedded corpus, with a report (make demo)')
   dm.add_argument('--workdir', default='runs/demo', help='where the runs, scores and report go')
+  dm.add_argument('--seeds', type=int, default=1, help='students per arm, each seed its own initialisation and '
+                  'data order; the report gives the mean and the paired difference with its 95%% interval')
   dm.set_defaults(run=_demo)
 
   prep = sub.add_parser('prepare', help='tokenize raw text into ArrayRecord shards')
@@ -163,6 +179,15 @@ def parser() -> argparse.ArgumentParser:
   imp.add_argument('--tokenizer', metavar='PATH', help='a sentencepiece model of the same vocabulary, '
                    'for a model directory without tokenizer.model')
   imp.set_defaults(run=_import_teacher)
+
+  ex = sub.add_parser('export', help='a salt checkpoint as a Hugging Face Llama model (lm-evaluation-harness, vLLM)')
+  ex.add_argument('checkpoint', metavar='CHECKPOINT', help='RUN/checkpoints/STEP')
+  ex.add_argument('output', metavar='OUT', help='a new directory: config.json, safetensors, tokenizer')
+  ex.add_argument('--tokenizer', metavar='PATH', help="the run's sentencepiece model, where it is not found "
+                  "beside the checkpoints or in the run's data directory")
+  ex.add_argument('--dtype', default='float32', help='float32 (as trained, the default) or bfloat16 (half the size)')
+  ex.add_argument('--max-shard-gb', type=float, default=5.0, help='largest safetensors file; beyond it, shards')
+  ex.set_defaults(run=_export)
   return p
 
 

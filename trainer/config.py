@@ -74,9 +74,10 @@ def defaults() -> ml_collections.ConfigDict:
       selection=dict(
           scores='',  # a .npy of one float per training record (NaN: unscored); '' = no selection
           # 'top': the keep_fraction highest scores; 'band': ranks in [band_low, band_high).
-          # The default keeps the top half, as SALT_DS does: a high score is a high loss
-          # on tokens the SLM ranks in its top k, i.e. hard yet learnable text; noise the
-          # SLM cannot predict at all scores nothing and is never kept.
+          # 'top' keeps the highest scores, as SALT_DS's rule does: a high score is a high
+          # loss on tokens the SLM ranks in its top k, i.e. hard yet learnable text; noise
+          # the SLM cannot predict at all scores nothing and is never kept. The half kept by
+          # default is our choice: the paper's fraction is not in what we could read.
           rule='top',
           keep_fraction=0.5,
           band_low=0.0,
@@ -117,7 +118,7 @@ def defaults() -> ml_collections.ConfigDict:
       teacher='',  # a salt checkpoint of the small model (RUN/checkpoints/STEP); '' = none
       n_kd=0,
       weight=0.5,  # w at step 0 in loss = (1 - w) CE + w KD
-      schedule='constant',  # one of KD_SCHEDULES; constant is the paper's main recipe
+      schedule='constant',  # one of KD_SCHEDULES; constant is the step transition the paper names SALT
       tau=1.0,
       tau_squared=False,  # scale KD by tau**2, keeping its gradient's size as tau changes
       teacher_top_k=0,  # keep the teacher's top k tokens, renormalised (0: all)

@@ -6,6 +6,10 @@
   4. train the same student with SALT for the same steps   configs/demo.py:salt
   5. compare them: report.md, val_loss_vs_steps.png, val_loss_vs_time.png
 
+With --seeds N, steps 3 and 4 run for seeds 0..N-1 (the students' initialisation and
+data order; the SLM and its scores are shared), and the report adds each seed's result,
+the mean and sd of the final losses and the paired difference with its 95% interval.
+
 Each stage is skipped when its output is complete (a run's last checkpoint, the
 scores of this SLM), so an interrupted demo goes on where it stopped.
 """
@@ -27,8 +31,29 @@ from trainer.train import default_data_dir, train
 log = logging.getLogger('salt')
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom; beyond 30, the normal's.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042}
+
+
+def run_name(arm: str, seed: int) -> str:
+  """Seed 0's runs keep the one-seed demo's names."""
+  return arm if seed == 0 else f'{arm}-seed{seed}'
+
+
+def seeded(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """The student of another seed: another initialisation and another order of the data."""
+  if seed == 0:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.seed, config.data.shuffle_seed = seed, seed
+  return config
+
+
 def run(workdir: Path, get_config: Callable[[str | None], ml_collections.ConfigDict] = demo_configs.get_config,
-        score_batch: int = 32, score_every: int = 4) -> Path:
+        score_batch: int = 32, score_every: int = 4, seeds: int = 1) -> Path:
   """Runs the stages that are not done yet under `workdir`; returns the report's path.
 
   get_config(None | 'slm' | 'salt') gives the three runs' configs (configs/demo.py's);
@@ -49,9 +74,11 @@ def run(workdir: Path, get_config: Callable[[str | None], ml_collections.ConfigD
     log.info('== 2/4 scoring every %d-th training record with the SLM', score_every)
     data_dir = Path(slm.data.path) if slm.data.path else default_data_dir(slm.model.vocab_size)
     log.info(describe(score(str(teacher), data_dir, batch_size=score_batch, every=score_every, output=scores)))
-  _train('3/4 the student, baseline', baseline, workdir / 'baseline')
-  _train('4/4 the student with SALT', salt, workdir / 'salt')
-  report = write_report(workdir, salt, slm)
+  for seed in range(seeds):
+    of = f' (seed {seed} of {seeds})' if seeds > 1 else ''
+    _train(f'3/4 the student, baseline{of}', seeded(baseline, seed), workdir / run_name('baseline', seed))
+    _train(f'4/4 the student with SALT{of}', seeded(salt, seed), workdir / run_name('salt', seed))
+  report = write_report(workdir, salt, slm, seeds)
   log.info('report: %s', report)
   return report
 
@@ -90,10 +117,11 @@ def first_reach(x: np.ndarray, loss: np.ndarray, target: float) -> float | None:
   return float(x[i - 1] + fraction * (x[i] - x[i - 1]))
 
 
-def write_report(workdir: Path, salt: ml_collections.ConfigDict, slm: ml_collections.ConfigDict) -> Path:
+def write_report(workdir: Path, salt: ml_collections.ConfigDict, slm: ml_collections.ConfigDict,
+                 seeds: int = 1) -> Path:
   """report.md and the two plots, from the runs' metrics."""
-  curves = {name: eval_curve(workdir / name) for name in ('baseline', 'salt')}
-  base, kd = curves['baseline'], curves['salt']
+  curves = {arm: [eval_curve(workdir / run_name(arm, seed)) for seed in range(seeds)] for arm in ('baseline', 'salt')}
+  base, kd = curves['baseline'][0], curves['salt'][0]
   target = base['loss'][-1]
   at_step = first_reach(kd['step'], kd['loss'], target)
   at_seconds = first_reach(kd['seconds'], kd['loss'], target)
@@ -116,6 +144,7 @@ def write_report(workdir: Path, salt: ml_collections.ConfigDict, slm: ml_collect
                f'it ends at {kd["loss"][-1]:.4f} ({kd["loss"][-1] - target:+.4f} nats/token).')
   lines = [
       '# SALT demo report', '',
+      *([f'Seed 0 of {seeds} first; all seeds after its table.', ''] if seeds > 1 else []),
       f'Student {_describe(salt)}, {total} steps; the SLM ({_describe(slm)}) '
       f'teaches it for the first {n_kd} steps (w = {salt.salt.weight}, {salt.salt.schedule}, tau = {salt.salt.tau}) '
       f'on the {selected["records"]} training records it scores highest ({salt.data.selection.rule} '
@@ -130,12 +159,41 @@ def write_report(workdir: Path, salt: ml_collections.ConfigDict, slm: ml_collect
       'they are paid once per SLM, whatever the number of students it teaches.', '',
       '| step | baseline | SALT |', '|---|---|---|',
       *(f'| {s:.0f} | {b:.4f} | {k:.4f} |' for s, b, k in zip(base['step'], base['loss'], kd['loss'])), '',
+      *(seed_lines(curves, total) if seeds > 1 else []),
       '![validation loss against steps](val_loss_vs_steps.png)',
       '![validation loss against training time](val_loss_vs_time.png)', '',
   ]
   report = workdir / 'report.md'
   report.write_text('\n'.join(lines))
   return report
+
+
+def paired_difference(salt_final: np.ndarray, baseline_final: np.ndarray) -> tuple[float, float, float]:
+  """Mean of SALT - baseline over seeds and its 95% interval (Student's t on the pairs)."""
+  d = salt_final - baseline_final
+  n = d.size
+  half = T_975.get(n - 1, 1.960) * d.std(ddof=1) / np.sqrt(n)
+  return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def seed_lines(curves: dict, total: int) -> list[str]:
+  """The report's section on several seeds."""
+  base = np.array([c['loss'][-1] for c in curves['baseline']])
+  kd = np.array([c['loss'][-1] for c in curves['salt']])
+  reach = [first_reach(k['step'], k['loss'], b['loss'][-1]) for b, k in zip(curves['baseline'], curves['salt'])]
+  mean, low, high = paired_difference(kd, base)
+  return [
+      f'## {base.size} seeds', '',
+      'Each seed initialises both students and orders the data its own way; the SLM and its scores are shared.', '',
+      '| seed | baseline | SALT | SALT - baseline | SALT reaches the baseline\'s final loss at |', '|---|---|---|---|---|',
+      *(f'| {s} | {b:.4f} | {k:.4f} | {k - b:+.4f} | {"step %.0f (%.0f%%)" % (r, 100 * r / total) if r else "never"} |'
+        for s, (b, k, r) in enumerate(zip(base, kd, reach))), '',
+      f'Final validation loss, mean ± sd over seeds: baseline {base.mean():.4f} ± {base.std(ddof=1):.4f}, '
+      f'SALT {kd.mean():.4f} ± {kd.std(ddof=1):.4f}.', '',
+      f'Paired difference SALT - baseline: {mean:+.4f} nats/token, 95% interval [{low:+.4f}, {high:+.4f}] '
+      f'({"SALT is lower" if high < 0 else "SALT is higher" if low > 0 else "no difference resolved"} at this '
+      'number of seeds).', '',
+  ]
 
 
 def _describe(config: ml_collections.ConfigDict) -> str:
@@ -146,8 +204,14 @@ def _describe(config: ml_collections.ConfigDict) -> str:
 def _plot(curves: dict, x: str, xlabel: str, n_kd: int | None, slm_loss: float, path: Path) -> None:
   fig = Figure(figsize=(6, 4), dpi=120)
   ax = fig.subplots()
-  for name, curve in curves.items():
-    ax.plot(curve[x], curve['loss'], marker='.', label={'salt': 'SALT'}.get(name, name))
+  for (name, runs), color in zip(curves.items(), ('tab:blue', 'tab:orange')):
+    label = {'salt': 'SALT'}.get(name, name)
+    if len(runs) > 1:  # each seed faint, their mean bold
+      for curve in runs:
+        ax.plot(curve[x], curve['loss'], color=color, alpha=0.25, linewidth=0.8)
+      label += f', mean of {len(runs)} seeds'
+    ax.plot(np.mean([c[x] for c in runs], axis=0), np.mean([c['loss'] for c in runs], axis=0), marker='.',
+            color=color, label=label)
   ax.axhline(slm_loss, color='grey', linestyle=':', label='SLM (teacher), final')
   if n_kd:
     ax.axvline(n_kd, color='grey', linestyle='--', label='end of stage 1')

@@ -20,7 +20,6 @@ model sits in host memory once.
 import contextlib
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,9 @@ FLOAT_DTYPES = ('F32', 'F16', 'BF16')
 # A buffer some exports carry beside the weights; salt computes it from the config.
 IGNORED_SUFFIX = '.rotary_emb.inv_freq'
 
-Layout = dict[str, tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]]
+# salt parameter -> (Hugging Face tensor name, its [out, in] shape, whether salt holds it
+# transposed and reshaped: every nn.Linear weight; norms and the embedding map as they are).
+Layout = dict[str, tuple[str, tuple[int, ...], bool]]
 
 
 def read_config(model_dir: Path) -> dict:
@@ -209,47 +210,45 @@ def _weight_files(model_dir: Path) -> list[Path]:
   raise UserError(f'{model_dir} has neither {WEIGHTS} nor {WEIGHTS_INDEX}; salt imports safetensors weights only')
 
 
-def _layouts(cfg: ModelConfig) -> tuple[Layout, Layout]:
-  """salt parameter -> (Hugging Face tensor name, its shape, its conversion to salt's layout),
-  for the parameters outside the layers and for those of layer {i}."""
+def layouts(cfg: ModelConfig) -> tuple[Layout, Layout]:
+  """The parameters outside the layers, and those of layer {i}, by salt name."""
   D, H, K, E, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
-
-  def linear(*shape: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda w_outxin: w_outxin.T.reshape(shape)
-
-  def same(w: np.ndarray) -> np.ndarray:
-    return w
-
-  outer = {'embed_VxD': ('model.embed_tokens.weight', (V, D), same), 'final_norm': ('model.norm.weight', (D,), same)}
+  outer = {'embed_VxD': ('model.embed_tokens.weight', (V, D), False), 'final_norm': ('model.norm.weight', (D,), False)}
   if not cfg.tie_embeddings:
-    outer['unembed_DxV'] = ('lm_head.weight', (V, D), linear(D, V))
+    outer['unembed_DxV'] = ('lm_head.weight', (V, D), True)
   layer = {
-      'attn_norm': ('input_layernorm.weight', (D,), same),
-      'wq_DxHxE': ('self_attn.q_proj.weight', (H * E, D), linear(D, H, E)),
-      'wk_DxKxE': ('self_attn.k_proj.weight', (K * E, D), linear(D, K, E)),
-      'wv_DxKxE': ('self_attn.v_proj.weight', (K * E, D), linear(D, K, E)),
-      'wo_HxExD': ('self_attn.o_proj.weight', (D, H * E), linear(H, E, D)),
-      'mlp_norm': ('post_attention_layernorm.weight', (D,), same),
-      'w_gate_DxF': ('mlp.gate_proj.weight', (F, D), linear(D, F)),
-      'w_up_DxF': ('mlp.up_proj.weight', (F, D), linear(D, F)),
-      'w_down_FxD': ('mlp.down_proj.weight', (D, F), linear(F, D)),
+      'attn_norm': ('input_layernorm.weight', (D,), False),
+      'wq_DxHxE': ('self_attn.q_proj.weight', (H * E, D), True),
+      'wk_DxKxE': ('self_attn.k_proj.weight', (K * E, D), True),
+      'wv_DxKxE': ('self_attn.v_proj.weight', (K * E, D), True),
+      'wo_HxExD': ('self_attn.o_proj.weight', (D, H * E), True),
+      'mlp_norm': ('post_attention_layernorm.weight', (D,), False),
+      'w_gate_DxF': ('mlp.gate_proj.weight', (F, D), True),
+      'w_up_DxF': ('mlp.up_proj.weight', (F, D), True),
+      'w_down_FxD': ('mlp.down_proj.weight', (D, F), True),
   }
-  return outer, {key: ('model.layers.{i}.' + name, shape, fn) for key, (name, shape, fn) in layer.items()}
+  return outer, {key: ('model.layers.{i}.' + name, shape, t) for key, (name, shape, t) in layer.items()}
 
 
 def _read_params(tensors: _Tensors, cfg: ModelConfig, shapes: dict) -> dict:
   """The parameters as a pure dict of float32 arrays (`shapes`: the model's, same structure)."""
-  outer, layer = _layouts(cfg)
+  outer, layer = layouts(cfg)
   expected = {name: shape for name, shape, _ in outer.values()}
   expected.update({name.format(i=i): shape for name, shape, _ in layer.values() for i in range(cfg.n_layers)})
   # Tied models may still carry lm_head.weight, a copy of the embedding.
   tensors.check(expected, optional={'lm_head.weight'} if cfg.tie_embeddings else set())
-  params = {key: np.ascontiguousarray(fn(tensors.read(name)), np.float32) for key, (name, _, fn) in outer.items()}
+
+  def to_salt(name: str, transposed: bool, shape: tuple[int, ...]) -> np.ndarray:
+    w = tensors.read(name)
+    return w.T.reshape(shape) if transposed else w
+
+  params = {key: np.ascontiguousarray(to_salt(name, t, shapes[key].shape), np.float32)
+            for key, (name, _, t) in outer.items()}
   params['layers'] = {}
-  for key, (name, _, fn) in layer.items():
+  for key, (name, _, t) in layer.items():
     stacked = np.empty(shapes['layers'][key].shape, np.float32)
     for i in range(cfg.n_layers):
-      stacked[i] = fn(tensors.read(name.format(i=i)))
+      stacked[i] = to_salt(name.format(i=i), t, stacked.shape[1:])
     params['layers'][key] = stacked
   return params
 

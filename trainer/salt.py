@@ -27,7 +27,7 @@ from trainer.model import ModelConfig
 def kd_weight(step_number: jax.Array, *, schedule: str, weight: float, n_kd: int) -> jax.Array:
   """w at a step: `weight` at step 0, 0 from n_kd on.
 
-  constant: w = weight until n_kd (the paper's main recipe).
+  constant: w = weight until n_kd (the step transition the paper names SALT).
   linear: w falls linearly to 0 at n_kd.
   linear_ratio: w / (1 - w) falls linearly to 0 at n_kd.
   """

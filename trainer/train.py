@@ -60,11 +60,14 @@ def check_tokenizer(config: ml_collections.ConfigDict, manifest: dict, data_dir:
                     'prepare it with `salt prepare --tokenizer` and the model\'s tokenizer')
 
 
-def select(selection: ml_collections.ConfigDict, manifest: dict) -> np.ndarray | None:
-  """The training records the selection keeps (None: all of them)."""
+def select(selection: ml_collections.ConfigDict, manifest: dict, data_dir: Path) -> np.ndarray | None:
+  """The training records the selection keeps (None: all of them). A relative path that
+  is not here is looked up in the data directory, where `salt score` writes by default."""
   if not selection.scores:
     return None
   path = Path(selection.scores)
+  if not path.is_file() and not path.is_absolute():
+    path = data_dir / path
   if not path.is_file():
     raise UserError(f'data.selection.scores={selection.scores!r} does not exist')
   scores = np.load(path)
@@ -275,8 +278,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str,
   data_dir = Path(config.data.path) if config.data.path else default_data_dir(model_cfg.vocab_size)
   manifest = read_manifest(data_dir)
   check_tokenizer(config, manifest, data_dir)
-  selection = select(config.data.selection, manifest)
+  selection = select(config.data.selection, manifest, data_dir)
   n_kd = config.salt.n_kd
+  if n_kd and config.salt.weight and not config.salt.teacher:
+    raise UserError(f'salt.n_kd={n_kd} distills with salt.weight={config.salt.weight} but salt.teacher is not set: '
+                    'give the small model\'s checkpoint (--config.salt.teacher=RUN/checkpoints/STEP), or '
+                    '--config.salt.weight=0 for a stage 1 of selected data alone')
   open_split = functools.partial(data.TokenStream, data_dir, seq_len=config.data.seq_len,
                                  verify_hashes=config.data.verify_hashes)
   full_stream = open_split('train')

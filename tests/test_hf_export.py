@@ -1,0 +1,102 @@
+"""`salt export`: a salt checkpoint as a Hugging Face Llama model that salt imports back bit for bit."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import tiny_config
+from tests.test_hf_import import CASES, TOKENS, random_weights, teacher_logits, write_model
+from trainer import cli, train
+from trainer.errors import UserError
+from trainer.hf_export import export, hf_config, read_checkpoint
+from trainer.hf_import import import_teacher
+from trainer.model import ModelConfig
+
+
+def params_of(checkpoint) -> dict:
+  return read_checkpoint(Path(checkpoint))[1]
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+  leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize('case', ['gqa-untied-float32', 'tied-sharded-bfloat16', 'rope-llama3'])
+def test_export_then_import_gives_back_the_same_parameters_bit_for_bit(case, sp_model, tmp_path):
+  hf, layout = CASES[case]
+  first = import_teacher(write_model(tmp_path / 'hf', hf, random_weights(hf), tokenizer=sp_model, **layout),
+                         tmp_path / 'salt')
+  # Tiny shards, so that the export is sharded with an index too.
+  summary = export(first['checkpoint'], tmp_path / 'exported', max_shard_gb=20_000 / 2**30)
+  assert len(summary['files']) > 1 and (tmp_path / 'exported' / 'model.safetensors.index.json').is_file()
+  again = import_teacher(tmp_path / 'exported', tmp_path / 'again')
+  assert_bitwise_equal(params_of(first['checkpoint']), params_of(again['checkpoint']))
+  exported = json.loads((tmp_path / 'exported' / 'config.json').read_text())
+  assert {k: exported[k] for k in hf if k in exported and k != 'max_position_embeddings'} == {
+      k: hf[k] for k in hf if k in exported and k != 'max_position_embeddings'} | (
+      {'rope_scaling': exported['rope_scaling']} if hf.get('rope_scaling') else {})
+  tokenizer_config = json.loads((tmp_path / 'exported' / 'tokenizer_config.json').read_text())
+  assert tokenizer_config['add_bos_token'] is False  # salt's documents never begin with BOS
+
+
+def test_a_trained_run_exports_with_its_data_s_tokenizer_and_imports_back(tiny_data, tmp_path):
+  config = tiny_config(tiny_data)
+  config.total_steps = 6
+  config.model.n_kv_heads = 2  # GQA: 4 query heads share 2
+  train.train(config, tmp_path / 'run')
+  checkpoint = tmp_path / 'run' / 'checkpoints' / '6'
+  assert cli.main(['export', str(checkpoint), str(tmp_path / 'hf'), '--dtype', 'bfloat16']) == 0
+  tensors = load_file(tmp_path / 'hf' / 'model.safetensors')
+  assert {t.dtype.name for t in tensors.values()} == {'bfloat16'}
+  assert cli.main(['export', str(checkpoint), str(tmp_path / 'hf32')]) == 0
+  again = import_teacher(tmp_path / 'hf32', tmp_path / 'again')
+  assert_bitwise_equal(params_of(checkpoint), params_of(again['checkpoint']))
+
+
+def test_a_bad_checkpoint_a_used_output_or_a_wrong_tokenizer_is_one_line(tiny_data, sp_model, tmp_path, capsys):
+  hf, layout = CASES['gqa-untied-float32']
+  first = import_teacher(write_model(tmp_path / 'hf', hf, random_weights(hf), tokenizer=sp_model, **layout),
+                         tmp_path / 'salt')
+  assert cli.main(['export', str(tmp_path / 'salt'), str(tmp_path / 'out')]) == 2
+  assert f'{tmp_path / "salt"} is not a salt checkpoint (RUN/checkpoints/STEP)' in capsys.readouterr().err
+  (tmp_path / 'used').mkdir()
+  (tmp_path / 'used' / 'x').write_text('')
+  assert cli.main(['export', first['checkpoint'], str(tmp_path / 'used')]) == 2
+  assert 'is not empty; export into a new directory' in capsys.readouterr().err
+  with pytest.raises(UserError, match='is not the tokenizer the checkpoint was trained with'):
+    export(first['checkpoint'], tmp_path / 'out', tokenizer=tmp_path / 'hf' / 'config.json')
+
+
+@pytest.mark.parametrize('case', ['gqa-untied-float32', 'tied-sharded-bfloat16'])
+def test_transformers_computes_salt_s_logits_from_the_export(case, sp_model, tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  hf, layout = CASES[case]
+  first = import_teacher(write_model(tmp_path / 'hf', hf, random_weights(hf), tokenizer=sp_model, **layout),
+                         tmp_path / 'salt')
+  export(first['checkpoint'], tmp_path / 'exported')
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'exported', attn_implementation='eager')
+  with torch.no_grad():
+    got = model(torch.from_numpy(TOKENS)[None]).logits[0].float().numpy()
+  want = teacher_logits(first['checkpoint'], TOKENS)
+  np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+def test_the_config_names_salt_s_architecture_for_hugging_face():
+  cfg = ModelConfig(**tiny_config().model)
+
+  class Pieces:
+    def bos_id(self): return 1
+    def eos_id(self): return 2
+    def pad_id(self): return -1
+
+  config = hf_config(cfg, 32, Pieces(), 'float32')
+  assert config['architectures'] == ['LlamaForCausalLM'] and 'pad_token_id' not in config
+  assert config['num_key_value_heads'] == cfg.n_kv_heads and config['head_dim'] == cfg.head_dim

@@ -1,0 +1,165 @@
+"""`salt export`: a salt checkpoint as a Hugging Face Llama model, for the field's tools.
+
+    salt export RUN/checkpoints/STEP OUT
+    lm_eval --model hf --model_args pretrained=OUT --tasks ...     (or vLLM: LLM(model=OUT))
+
+OUT holds config.json (LlamaForCausalLM), the weights as safetensors (sharded with
+model.safetensors.index.json beyond --max-shard-gb), and the sentencepiece tokenizer
+with a tokenizer_config.json that adds no BOS token: salt trains documents that end
+with EOS and never begin with BOS. The weights are the layout `salt import-teacher`
+reads (trainer/hf_import.layouts), so export then import gives back the same parameters.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import sentencepiece as spm
+from flax import nnx
+from safetensors.numpy import save_file
+
+from trainer import checkpoint, step
+from trainer.errors import UserError
+from trainer.hf_import import WEIGHTS, WEIGHTS_INDEX, layouts
+from trainer.model import ModelConfig
+from trainer.prepare import TOKENIZER, file_sha256, read_manifest
+
+DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
+
+
+def _meta(path: Path) -> dict:
+  if not path.name.isdigit() or not (path / 'meta').is_dir() or not (path / 'state').is_dir():
+    raise UserError(f'{path} is not a salt checkpoint (RUN/checkpoints/STEP)')
+  try:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(checkpoint.absolute(path / 'meta'))
+  except Exception as e:  # Orbax raises several types for unreadable files
+    raise UserError(f'{path}: cannot read its metadata ({type(e).__name__})') from None
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+  """The checkpoint's resolved config, and its parameters (only) on the host as NumPy
+  arrays, by salt name."""
+  path = Path(path)
+  config = _meta(path)['config']
+  _, target = step.abstract_model(ModelConfig(**config['model']))
+  restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  try:
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        checkpoint.absolute(path / 'state'),
+        args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
+                                    restore_args={'params': restore_args}))
+  except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
+    raise UserError(f'{path}: cannot read its parameters ({type(e).__name__})') from None
+  return config, nnx.to_pure_dict(restored['params'])
+
+
+def _tokenizer(path: Path, config: dict, given: Path | None) -> Path:
+  """The sentencepiece model the checkpoint was trained with: --tokenizer, the imported
+  teacher's beside its checkpoints, or its data's; checked against the recorded hash."""
+  want = config['data']['tokenizer_sha256']
+  candidates = [Path(given)] if given else [path.parent.parent / TOKENIZER]
+  data_dir = Path(config['data'].get('path') or '')
+  if not given and (data_dir / 'manifest.json').is_file():
+    candidates.append(data_dir / read_manifest(data_dir)['tokenizer'])
+  for candidate in candidates:
+    if candidate.is_file() and file_sha256(candidate) == want:
+      return candidate
+  if given:
+    raise UserError(f'--tokenizer {str(given)!r} is not the tokenizer the checkpoint was trained with '
+                    f'(sha256 {want[:12]}...)')
+  raise UserError(f'the tokenizer of {path} (sha256 {want[:12]}...) is in none of {", ".join(map(str, candidates))}; '
+                  'give it with --tokenizer')
+
+
+def hf_config(cfg: ModelConfig, seq_len: int, sp: spm.SentencePieceProcessor, dtype: str) -> dict:
+  """config.json of a LlamaForCausalLM with salt's architecture."""
+  rope = None
+  if cfg.rope_scaling == 'linear':
+    rope = {'rope_type': 'linear', 'factor': cfg.rope_scaling_factor}
+  elif cfg.rope_scaling == 'llama3':
+    rope = {'rope_type': 'llama3', 'factor': cfg.rope_scaling_factor, 'low_freq_factor': cfg.rope_low_freq_factor,
+            'high_freq_factor': cfg.rope_high_freq_factor,
+            'original_max_position_embeddings': cfg.rope_original_max_positions}
+  return {
+      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': cfg.vocab_size,
+      'hidden_size': cfg.d_model, 'intermediate_size': cfg.d_ff, 'num_hidden_layers': cfg.n_layers,
+      'num_attention_heads': cfg.n_heads, 'num_key_value_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim,
+      'hidden_act': 'silu', 'max_position_embeddings': seq_len, 'rms_norm_eps': cfg.norm_eps,
+      'rope_theta': cfg.rope_theta, 'rope_scaling': rope, 'attention_bias': False, 'mlp_bias': False,
+      'tie_word_embeddings': cfg.tie_embeddings, 'torch_dtype': dtype, 'initializer_range': cfg.init_std,
+      **_special_ids(sp),
+  }
+
+
+def _special_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
+  ids = {'bos_token_id': sp.bos_id(), 'eos_token_id': sp.eos_id(), 'pad_token_id': sp.pad_id()}
+  return {k: i for k, i in ids.items() if i >= 0}  # sentencepiece marks a token it lacks with -1
+
+
+def _tensors(params: dict, cfg: ModelConfig, dtype) -> dict[str, np.ndarray]:
+  """Hugging Face tensors by name, in its [out, in] layout."""
+  outer, layer = layouts(cfg)
+
+  def to_hf(x: np.ndarray, shape: tuple[int, ...], transposed: bool) -> np.ndarray:
+    return np.ascontiguousarray((x.reshape(shape[::-1]).T if transposed else x).astype(dtype))
+
+  tensors = {name: to_hf(params[key], shape, t) for key, (name, shape, t) in outer.items()}
+  for key, (name, shape, t) in layer.items():
+    tensors.update({name.format(i=i): to_hf(params['layers'][key][i], shape, t) for i in range(cfg.n_layers)})
+  return tensors
+
+
+def _write_weights(tensors: dict[str, np.ndarray], output: Path, max_shard_bytes: int) -> list[str]:
+  """One safetensors file, or shards of at most max_shard_bytes with an index; the file names."""
+  shards, current, size = [], {}, 0
+  for name, x in tensors.items():
+    if current and size + x.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name], size = x, size + x.nbytes
+  shards.append(current)
+  if len(shards) == 1:
+    save_file(shards[0], output / WEIGHTS, metadata={'format': 'pt'})
+    return [WEIGHTS]
+  files = [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+  for file, shard in zip(files, shards):
+    save_file(shard, output / file, metadata={'format': 'pt'})
+  index = {'metadata': {'total_size': sum(x.nbytes for x in tensors.values())},
+           'weight_map': {name: file for file, shard in zip(files, shards) for name in shard}}
+  (output / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+  return files
+
+
+def export(path: Path, output: Path, *, tokenizer: Path | None = None, dtype: str = 'float32',
+           max_shard_gb: float = 5.0) -> dict:
+  """Writes the checkpoint at `path` into the new directory `output` as a Hugging Face
+  Llama model; returns a summary (files, parameters, dtype)."""
+  path, output = Path(path), Path(output)
+  if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    raise UserError(f'{output} is not empty; export into a new directory')
+  if dtype not in DTYPES:
+    raise UserError(f'--dtype {dtype!r} must be one of {", ".join(DTYPES)}')
+  config, params = read_checkpoint(path)
+  cfg = ModelConfig(**config['model'])
+  sp_model = _tokenizer(path, config, tokenizer)
+  sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+  tensors = _tensors(params, cfg, DTYPES[dtype])
+
+  output.mkdir(parents=True, exist_ok=True)
+  files = _write_weights(tensors, output, int(max_shard_gb * 2**30))
+  (output / 'config.json').write_text(json.dumps(hf_config(cfg, config['data']['seq_len'], sp, dtype), indent=2))
+  shutil.copyfile(sp_model, output / TOKENIZER)
+  special = _special_ids(sp)
+  (output / 'tokenizer_config.json').write_text(json.dumps({
+      'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': False, 'add_eos_token': False,
+      'model_max_length': config['data']['seq_len'], 'legacy': False,
+      **{k.replace('_id', ''): sp.id_to_piece(i) for k, i in special.items()},
+      **({'unk_token': sp.id_to_piece(sp.unk_id())} if sp.unk_id() >= 0 else {})}, indent=2))
+  (output / 'generation_config.json').write_text(json.dumps(
+      {k: i for k, i in special.items() if k != 'pad_token_id'}, indent=2))
+  return {'output': str(output), 'files': files, 'parameters': int(sum(x.size for x in tensors.values())),
+          'dtype': dtype}
