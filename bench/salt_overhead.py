@@ -16,7 +16,7 @@ import numpy as np
 
 from bench.results import record
 from trainer import config as config_lib
-from trainer import dryrun, sharding, train
+from trainer import dryrun, salt, sharding, train
 from trainer.config import mesh_shape
 from trainer.model import ModelConfig, flops_per_token
 
@@ -45,7 +45,7 @@ def main():
   rules = sharding.parse_rules(student.sharding)
   s_cfg, t_cfg = ModelConfig(**student.model), ModelConfig(**teacher_config.model)
   program = train.build(student, mesh, np.ones(s_cfg.vocab_size, np.int32))
-  teacher = dryrun.random_teacher(dryrun.abstract_teacher(t_cfg, mesh, rules), seed=1)
+  teacher = dryrun.random_teacher(salt.abstract_teacher(t_cfg, mesh, rules), seed=1)
   batch = sharding.host_batch_to_global(
       dryrun.random_batch(student.data.global_batch_size, student.data.seq_len, s_cfg.vocab_size, seed=0),
       program.batch_sharding)

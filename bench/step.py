@@ -26,7 +26,7 @@ from bench.results import record
 from kernels import attention, weighted_loss
 from trainer import config as config_lib
 from trainer import dryrun, sharding, train
-from trainer.metrics import peak_flops
+from trainer.hardware import peak_flops
 from trainer.model import ModelConfig, flops_per_token, param_count
 
 # Policies that keep the attention output, and so the flash kernels' residuals.

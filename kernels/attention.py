@@ -32,12 +32,8 @@ from jax.sharding import PartitionSpec as P
 log = logging.getLogger('salt')
 IMPLS = ('xla', 'cudnn', 'pallas_gpu', 'splash', 'auto')
 # Per backend, the implementations that keep document boundaries, fastest first as
-# measured at B 16, L 2048, H 16, E 128, bf16, forward + backward per layer:
-#   gpu: one H200, 2026-11-26 (../shared/device/h200-2026-11-26.md): cudnn with the
-#        document mask 7.1 ms, xla 15.8 ms; pallas_gpu not yet timed, so it ranks
-#        after the measured cudnn and before xla, which materialises the scores.
-#   tpu: not yet run on a TPU; splash because xla materialises the scores.
-#   cpu: xla; the Pallas kernels only interpret there.
+# measured (BENCHMARKS.md, "GPU step with flash attention"); one not yet measured ranks
+# after the measured ones and before xla, which materialises the [L, L] scores.
 FASTEST = {
     'gpu': ('cudnn', 'pallas_gpu', 'xla'),
     'tpu': ('splash', 'xla'),

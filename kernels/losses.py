@@ -17,6 +17,7 @@ the per-token terms as metrics. `token_losses` gives the per-token terms of xla 
 pallas, differentiable term by term.
 """
 
+import dataclasses
 import functools
 import logging
 import math
@@ -32,13 +33,9 @@ from kernels.reference import TokenLosses
 
 log = logging.getLogger('salt')
 IMPLS = ('xla', 'pallas', 'token_chunks', 'auto')
-# Per backend, the implementation `auto` runs: the fastest measured there.
-#   gpu: one H200, 2026-11-26, T 8192, Ds 2048, Dt 1024, V 131,072, bf16, forward +
-#        backward (../shared/device/h200-2026-11-26.md): the token-chunk shape as a
-#        plain-JAX sketch 31.2 ms (1,024-token chunks), naive XLA 49.7, xla 67.3,
-#        pallas (Triton, since replaced by token_chunks) 390.9; Liger 41.5.
-#   tpu: not yet run on a TPU, so the reference; the Mosaic kernels opt in.
-#   cpu: the reference; the Pallas kernels only interpret there.
+# Per backend, the implementation `auto` runs: the fastest measured there. The figures,
+# and which backends are not measured yet (those get the reference), are in
+# BENCHMARKS.md, "Loss kernels"; on CPU the Pallas kernels only interpret.
 FASTEST = {'gpu': 'token_chunks', 'tpu': 'xla', 'cpu': 'xla'}
 
 
@@ -97,44 +94,46 @@ def _shape(h_s: jax.Array, teacher, mesh: Mesh | None) -> dict:
               widths=(h_s.shape[1],) + (() if teacher is None else (teacher[0].shape[1],)))
 
 
-def weighted_loss(
-    h_s_TxD: jax.Array,
-    w_s_DxV: jax.Array,
-    targets_T: jax.Array,
-    teacher: tuple[jax.Array, jax.Array] | None,
-    g_ce_T: jax.Array,
-    g_kd_T: jax.Array | None = None,
-    *,
-    tau: float = 1.0,
-    teacher_top_k: int = 0,
-    impl: str = 'xla',
-    chunk: int = 8192,
-    block_t: int = 0,
-    block_v: int = 0,
-    chunk_tokens: int = 0,
-    mesh: Mesh | None = None,
-    token_axes: tuple[str, ...] = (),
-    vocab_axes: tuple[str, ...] = (),
-) -> tuple[jax.Array, TokenLosses]:
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The keywords of `weighted_loss` and `token_losses` beyond the arrays.
+
+  tau, teacher_top_k: the KD term's temperature and the teacher's kept tokens (0: all).
+  impl: one of IMPLS. chunk: the reference's vocabulary chunk; block_t x block_v: the
+  Pallas kernels' block; chunk_tokens: token_chunks' chunk (0 for each: the default).
+  mesh and the axes: how pallas and token_chunks split the work (no mesh: one shard).
+  """
+  tau: float = 1.0
+  teacher_top_k: int = 0
+  impl: str = 'xla'
+  chunk: int = 8192
+  block_t: int = 0
+  block_v: int = 0
+  chunk_tokens: int = 0
+  mesh: Mesh | None = None
+  token_axes: tuple[str, ...] = ()
+  vocab_axes: tuple[str, ...] = ()
+
+
+def weighted_loss(h_s_TxD: jax.Array, w_s_DxV: jax.Array, targets_T: jax.Array,
+                  teacher: tuple[jax.Array, jax.Array] | None, g_ce_T: jax.Array, g_kd_T: jax.Array | None = None,
+                  **options) -> tuple[jax.Array, TokenLosses]:
   """sum_t g_ce[t] CE[t] + g_kd[t] KD[t], float32, and the per-token terms (no gradient).
 
   Gradients flow to the student's hidden states and unembedding only; g_ce and g_kd
   (float32 [T]: the mixing weight, the mask and the normaliser) are constants.
-  `chunk` is the reference's vocabulary chunk; `block_t` x `block_v` the Pallas
-  kernels' block; `chunk_tokens` token_chunks' chunk (0 for each: the default).
-  `mesh` and the axes say how pallas and token_chunks split the work.
+  `options`: the fields of Options.
 
   Raises ValueError when `impl` is named and cannot run the call.
   """
-  impl = choose(impl, _device(mesh).platform, teacher_top_k, **_shape(h_s_TxD, teacher, mesh))
+  o = Options(**options)
+  impl = choose(o.impl, _device(o.mesh).platform, o.teacher_top_k, **_shape(h_s_TxD, teacher, o.mesh))
   if g_kd_T is None or teacher is None:
     g_kd_T = None
   if impl == 'token_chunks':
-    return _token_chunk_loss(h_s_TxD, w_s_DxV, targets_T, teacher, g_ce_T, g_kd_T, tau=tau, chunk=chunk_tokens,
-                             mesh=mesh, token_axes=token_axes, vocab_axes=vocab_axes)
-  terms = token_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=tau, teacher_top_k=teacher_top_k, impl=impl,
-                       chunk=chunk, block_t=block_t, block_v=block_v, mesh=mesh, token_axes=token_axes,
-                       vocab_axes=vocab_axes)
+    return _token_chunk_loss(h_s_TxD, w_s_DxV, targets_T, teacher, g_ce_T, g_kd_T, tau=o.tau, chunk=o.chunk_tokens,
+                             mesh=o.mesh, token_axes=o.token_axes, vocab_axes=o.vocab_axes)
+  terms = token_losses(h_s_TxD, w_s_DxV, targets_T, teacher, **{**options, 'impl': impl})
   return _weighted_sum(terms, g_ce_T, g_kd_T), jax.lax.stop_gradient(terms)
 
 
@@ -142,43 +141,25 @@ def _weighted_sum(terms: TokenLosses, g_ce: jax.Array, g_kd: jax.Array | None) -
   return (g_ce * terms.ce).sum() + (0.0 if g_kd is None else (g_kd * terms.kd).sum())
 
 
-def token_losses(
-    h_s_TxD: jax.Array,
-    w_s_DxV: jax.Array,
-    targets_T: jax.Array,
-    teacher: tuple[jax.Array, jax.Array] | None = None,
-    *,
-    mask_T: jax.Array | None = None,
-    tau: float = 1.0,
-    teacher_top_k: int = 0,
-    impl: str = 'xla',
-    chunk: int = 8192,
-    block_t: int = 0,
-    block_v: int = 0,
-    mesh: Mesh | None = None,
-    token_axes: tuple[str, ...] = (),
-    vocab_axes: tuple[str, ...] = (),
-) -> TokenLosses:
+def token_losses(h_s_TxD: jax.Array, w_s_DxV: jax.Array, targets_T: jax.Array,
+                 teacher: tuple[jax.Array, jax.Array] | None = None, *, mask_T: jax.Array | None = None,
+                 **options) -> TokenLosses:
   """Per-token CE (and KD, teacher CE, top-1 agreement with a teacher), float32 [T],
   by `xla` or `pallas`, each term differentiable.
 
   Gradients flow to the student's hidden states and unembedding only. Tokens where
-  `mask_T` is 0 get zero terms (and so no gradient). `chunk` is the reference's
-  vocabulary chunk; `block_t` x `block_v` the kernels' block (0: the kernels'
-  default). `mesh` and the axes say how the Pallas path splits the work (no mesh:
-  one shard).
+  `mask_T` is 0 get zero terms (and so no gradient). `options`: the fields of Options.
   """
-  if impl not in ('xla', 'pallas'):
-    raise ValueError(f'token_losses runs xla or pallas, not {impl!r}; weighted_loss runs every implementation')
-  backend = _device(mesh).platform
-  if impl == 'pallas':
-    choose(impl, backend, teacher_top_k, **_shape(h_s_TxD, teacher, mesh))
-  if impl == 'xla':
-    out = reference.token_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=tau, teacher_top_k=teacher_top_k,
-                                 chunk=chunk)
+  o = Options(**options)
+  if o.impl not in ('xla', 'pallas'):
+    raise ValueError(f'token_losses runs xla or pallas, not {o.impl!r}; weighted_loss runs every implementation')
+  if o.impl == 'pallas':
+    choose(o.impl, _device(o.mesh).platform, o.teacher_top_k, **_shape(h_s_TxD, teacher, o.mesh))
+    out = _pallas_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=o.tau, blocks=(o.block_t, o.block_v),
+                         device=_device(o.mesh), mesh=o.mesh, token_axes=o.token_axes, vocab_axes=o.vocab_axes)
   else:
-    out = _pallas_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=tau, blocks=(block_t, block_v),
-                         device=_device(mesh), mesh=mesh, token_axes=token_axes, vocab_axes=vocab_axes)
+    out = reference.token_losses(h_s_TxD, w_s_DxV, targets_T, teacher, tau=o.tau, teacher_top_k=o.teacher_top_k,
+                                 chunk=o.chunk)
   if mask_T is None:
     return out
   keep = mask_T > 0

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 from launch import worker
-from trainer import DISTRIBUTION
+from trainer import DISTRIBUTION, hardware
 from trainer import config as config_lib
 from trainer import distributed
 from trainer.errors import PREEMPTED_EXIT_CODE, UserError
@@ -61,11 +61,6 @@ DESCRIBE_TRIES = 5
 # A queued resource in one of these states has lost its slice (Spot preemption,
 # maintenance); it can be created again. FAILED cannot: its request was refused.
 LOST = ('SUSPENDING', 'SUSPENDED')
-# The software image each TPU generation boots (gcloud's --runtime-version).
-RUNTIME_VERSIONS = {'v4': 'tpu-ubuntu2204-base', 'v5p': 'v2-alpha-tpuv5', 'v5litepod': 'v2-alpha-tpuv5-lite',
-                    'v6e': 'v2-alpha-tpuv6e'}
-# Names people use that gcloud does not: what to write instead.
-GCLOUD_NAMES = {'v5e': 'v5litepod', 'v6': 'v6e', 'v5': 'v5p'}
 VENV = 'salt-venv'
 STEP = re.compile(r'\bstep (\d+)/\d+')
 # `queued-resources create` options passed through as they are: flags, then valued.
@@ -201,10 +196,11 @@ def _main(args, overrides) -> int:
     if not getattr(args, required):
       raise UserError(f'--{required.replace("_", "-")} is required (except with --logs)')
   generation = check_accelerator_type(args.accelerator_type)
-  runtime = args.runtime_version or RUNTIME_VERSIONS.get(generation)
+  known = hardware.TPU_GENERATIONS.get(generation)
+  runtime = args.runtime_version or (known.runtime_version if known else None)
   if not runtime:
     raise UserError(f'no default --runtime-version for {args.accelerator_type} (known: '
-                    f'{", ".join(RUNTIME_VERSIONS)}); give one')
+                    f'{", ".join(hardware.TPU_GENERATIONS)}); give one')
   if args.slices < 1 or args.retries < 0:
     raise UserError('--slices must be at least 1 and --retries at least 0')
   if not args.workdir and not (args.bucket or '').startswith('gs://'):
@@ -227,8 +223,9 @@ def _main(args, overrides) -> int:
 def check_accelerator_type(accelerator_type: str) -> str:
   """The generation of a type gcloud knows; names it does not are an error saying what to write."""
   generation, _, size = accelerator_type.partition('-')
-  if generation in GCLOUD_NAMES:
-    raise UserError(f'gcloud calls {generation} "{GCLOUD_NAMES[generation]}": use {GCLOUD_NAMES[generation]}-{size}')
+  if generation in hardware.GCLOUD_NAMES:
+    name = hardware.GCLOUD_NAMES[generation]
+    raise UserError(f'gcloud calls {generation} "{name}": use {name}-{size}')
   return generation
 
 
@@ -243,8 +240,6 @@ def slice_overrides(config_spec: str, overrides: list[str], accelerator_type: st
                     slices: int) -> tuple[list[str], int]:
   """The overrides, with mesh.dcn_data and a data axis spanning the slices; checks the config
   against the pod's devices. Returns the overrides and the pod's device count (0: unknown)."""
-  from trainer.dryrun import TPU_GENERATIONS
-
   config = config_lib.load(config_spec, overrides)
   if slices > 1:
     if config.mesh.dcn_data == 1:
@@ -255,10 +250,10 @@ def slice_overrides(config_spec: str, overrides: list[str], accelerator_type: st
     config = config_lib.load(config_spec, overrides)
   if config.mesh.dcn_data != slices:
     raise UserError(f'mesh.dcn_data={config.mesh.dcn_data} but --slices {slices}: the data axis must span the slices')
-  generation, _, size = accelerator_type.partition('-')
-  if generation not in TPU_GENERATIONS or not size.isdigit():
+  per_slice = hardware.tpu_devices(accelerator_type)
+  if per_slice is None:
     return overrides, 0
-  devices = int(size) // TPU_GENERATIONS[generation][2] * slices
+  devices = per_slice * slices
   config_lib.validate(config, devices)
   return overrides, devices
 

@@ -15,7 +15,7 @@ def write_config(path, data_dir, steps: int, **checkpoint) -> str:
   """A config file for `salt train` subprocesses: the tiny model for `steps` steps, every step
   logged, evaluation off, `checkpoint` settings applied; returns its path."""
   path.write_text(
-      'from tests.conftest import tiny_config\n'
+      'from tests.helpers import tiny_config\n'
       'def get_config(arg=None):\n'
       f'  c = tiny_config({str(data_dir)!r})\n'
       f'  c.total_steps = {steps}\n'

@@ -18,10 +18,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kernels import attention
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from trainer import dryrun, sharding, train
 from trainer.errors import UserError
-from trainer.config import REMAT_POLICIES
+from trainer.model import REMAT_POLICIES
 from trainer.model import ModelConfig, Transformer
 
 B, L, H, K, E = 4, 256, 4, 2, 32

@@ -2,7 +2,7 @@
 half-written or unreadable checkpoint unless the user allows the fallback."""
 
 import random
-import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.runs import differences, logged, salt_train, saved_state, write_config
 from trainer import checkpoint, data, sharding, train
 from trainer.config import mesh_shape
@@ -231,12 +231,9 @@ def test_a_full_disk_during_an_asynchronous_save_is_one_line_and_the_run_resumes
   config_file = write_config(tmp_path / 'tiny.py', tiny_data, 6, every_steps=2)
   workdir = tmp_path / 'run'
 
-  def small_files_only():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
-
-  failed = subprocess.run([sys.executable, '-m', 'trainer.cli', 'train', '--config', config_file,
-                           '--workdir', str(workdir)], preexec_fn=small_files_only, capture_output=True, text=True)
+  # Files of at most 39 KiB, the signal for a larger write ignored so that it fails with EFBIG.
+  command = shlex.join([sys.executable, '-m', 'trainer.cli', 'train', '--config', config_file, '--workdir', str(workdir)])
+  failed = subprocess.run(['bash', '-c', f"ulimit -f 39; trap '' XFSZ; exec {command}"], capture_output=True, text=True)
   assert failed.returncode == 2
   assert failed.stderr.strip().splitlines()[-1] == (
       f'salt: error: a checkpoint could not be written in {workdir / "checkpoints"}: File too large; make room '

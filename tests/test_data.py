@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-from tests.conftest import write_corpus
+from tests.helpers import write_corpus
 from trainer import data
 from trainer.errors import UserError
 from trainer.prepare import prepare, read_manifest

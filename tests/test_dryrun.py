@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from trainer import cli, dryrun
 from trainer import config as config_lib
 from trainer.model import ModelConfig, flops_per_token
@@ -20,7 +20,7 @@ def config_file(tmp_path_factory):
   """The tiny model on 8 data-parallel devices; `:slm` is a smaller one to stand in as the teacher."""
   path = tmp_path_factory.mktemp('config') / 'tiny.py'
   path.write_text(
-      'from tests.conftest import tiny_config\n'
+      'from tests.helpers import tiny_config\n'
       'def get_config(arg=None):\n'
       '  c = tiny_config()\n'
       '  c.mesh.update(data=8, fsdp=1, tensor=1)\n'

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.test_hf_import import CASES, TOKENS, random_weights, teacher_logits, write_model
 from trainer import cli, train
 from trainer.errors import UserError

@@ -51,7 +51,7 @@ def gcloud(tmp_path, monkeypatch):
 @pytest.fixture(scope='module')
 def config_file(tmp_path_factory):
   path = tmp_path_factory.mktemp('config') / 'tiny.py'
-  path.write_text('from tests.conftest import tiny_config\n'
+  path.write_text('from tests.helpers import tiny_config\n'
                   'def get_config(arg=None):\n'
                   '  return tiny_config()\n')
   return str(path)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.runs import logged, write_config
 from trainer import lock, train
 from trainer.errors import UserError

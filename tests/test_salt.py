@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.runs import logged
 from trainer import data, salt, sharding, step, train
 from trainer.config import mesh_shape

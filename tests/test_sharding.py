@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from trainer import data, sharding, train
 from trainer.config import mesh_shape
 from trainer.errors import UserError

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kernels import token_chunks, weighted_loss
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from trainer import sharding, train
 from trainer.errors import UserError
 

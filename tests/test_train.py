@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import tiny_config, write_corpus
+from tests.helpers import tiny_config, write_corpus
 from trainer import cli, progress
 from trainer.errors import UserError
 from trainer.prepare import prepare

@@ -6,6 +6,7 @@ A config file is a Python file with `get_config(arg=None)` that starts from
 """
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import math
@@ -16,14 +17,13 @@ from typing import Any
 import ml_collections
 
 from kernels import IMPLS, attention
+from trainer.data import SELECTION_RULES
 from trainer.errors import UserError
+from trainer.model import ModelConfig
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-REMAT_POLICIES = ('save_everything', 'save_nothing', 'save_matmuls', 'save_attention', 'save_matmuls_and_attention')
 DECAY_SCHEDULES = ('cosine', 'linear')
-DTYPES = ('float32', 'bfloat16')
 KD_SCHEDULES = ('constant', 'linear', 'linear_ratio')
-ROPE_SCALINGS = ('none', 'linear', 'llama3')
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -32,30 +32,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
 
-  c.model = dict(
-      vocab_size=32000,
-      d_model=512,
-      n_layers=8,
-      n_heads=8,
-      n_kv_heads=8,
-      head_dim=64,
-      d_ff=1408,
-      rope_theta=10000.0,
-      # Rotary frequencies rescaled as Hugging Face's rope_scaling (models imported with
-      # `salt import-teacher`): one of ROPE_SCALINGS; the last three are llama3's.
-      rope_scaling='none',
-      rope_scaling_factor=1.0,
-      rope_low_freq_factor=1.0,
-      rope_high_freq_factor=4.0,
-      rope_original_max_positions=8192,
-      norm_eps=1e-5,
-      tie_embeddings=False,
-      init_std=0.02,
-      dtype='bfloat16',  # compute dtype; parameters are always float32
-      # What the backward pass keeps of each layer (one of REMAT_POLICIES); the rest is
-      # recomputed. 'attention' is the attention output and the flash kernels' residuals.
-      remat='save_everything',
-  )
+  c.model = dataclasses.asdict(ModelConfig())  # its keys, defaults and their meaning: trainer/model.py
   c.data = dict(
       path='',  # a directory written by `salt prepare`; '' = embedded Shakespeare
       seq_len=1024,
@@ -283,22 +260,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   """Checks what can be checked before building anything; raises UserError."""
   m, d, o = config.model, config.data, config.optim
   _require(config.total_steps > 0, f'total_steps={config.total_steps} must be positive')
-  _require(m.dtype in DTYPES, f'model.dtype={m.dtype!r} must be one of {DTYPES}')
-  _require(m.remat in REMAT_POLICIES, f'model.remat={m.remat!r} must be one of {REMAT_POLICIES}')
   _require(o.decay in DECAY_SCHEDULES, f'optim.decay={o.decay!r} must be one of {DECAY_SCHEDULES}')
-  for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff'):
-    _require(m[key] > 0, f'model.{key}={m[key]} must be positive')
+  for problem in ModelConfig(**m).problems()[:1]:
+    raise UserError(problem)
   for key in ('log.every_steps', 'eval.every_steps', 'eval.batches'):
     group, name = key.split('.')
     _require(config[group][name] > 0, f'{key}={config[group][name]} must be positive')
-  _require(m.n_heads % m.n_kv_heads == 0,
-           f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
-  _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} must be even for rotary embeddings')
-  _require(m.rope_scaling in ROPE_SCALINGS, f'model.rope_scaling={m.rope_scaling!r} must be one of {ROPE_SCALINGS}')
-  _require(m.rope_scaling_factor > 0, f'model.rope_scaling_factor={m.rope_scaling_factor} must be positive')
-  _require(m.rope_scaling != 'llama3' or 0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
-           f'model.rope_low_freq_factor={m.rope_low_freq_factor} and model.rope_high_freq_factor='
-           f'{m.rope_high_freq_factor} must satisfy 0 < low < high')
   _require(0 <= o.warmup_steps < config.total_steps,
            f'optim.warmup_steps={o.warmup_steps} must be in [0, total_steps={config.total_steps})')
   _require(config.nonfinite in ('stop', 'skip'), f"nonfinite={config.nonfinite!r} must be 'stop' or 'skip'")
@@ -327,7 +294,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _require(0 <= kd.weight <= top, f'salt.weight={kd.weight} must be in [0, {top}] for schedule {kd.schedule!r}')
   _require(kd.tau > 0, f'salt.tau={kd.tau} must be positive')
   _require(kd.teacher_top_k >= 0, f'salt.teacher_top_k={kd.teacher_top_k} must be >= 0 (0 keeps every token)')
-  _require(sel.rule in ('top', 'band'), f"data.selection.rule={sel.rule!r} must be 'top' or 'band'")
+  _require(sel.rule in SELECTION_RULES, f'data.selection.rule={sel.rule!r} must be one of {SELECTION_RULES}')
   _require(0 < sel.keep_fraction <= 1, f'data.selection.keep_fraction={sel.keep_fraction} must be in (0, 1]')
   _require(0 <= sel.band_low < sel.band_high <= 1,
            f'data.selection band [{sel.band_low}, {sel.band_high}) must satisfy 0 <= band_low < band_high <= 1')

@@ -206,6 +206,9 @@ def eval_batches(stream: TokenStream, *, global_batch: int, max_batches: int,
                   process_index=process_index, process_count=process_count, workers=0)
 
 
+SELECTION_RULES = ('top', 'band')
+
+
 def select_records(scores: np.ndarray, *, rule: str, keep_fraction: float = 1.0,
                    band: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
   """Ids of the records a selection rule keeps, ascending.
@@ -225,7 +228,7 @@ def select_records(scores: np.ndarray, *, rule: str, keep_fraction: float = 1.0,
     ascending = scored[np.lexsort((scored, scores[scored]))]
     keep = ascending[int(round(band[0] * n)):int(round(band[1] * n))]
   else:
-    raise UserError(f"selection rule {rule!r} must be 'top' or 'band'")
+    raise UserError(f'selection rule {rule!r} must be one of {SELECTION_RULES}')
   return np.sort(keep)
 
 

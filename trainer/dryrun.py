@@ -32,25 +32,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from trainer import checkpoint, memory, salt, sharding, step, train
 from trainer import config as config_lib
 from trainer.errors import UserError
 from trainer.memory import GiB, REMEDY, STATE_REMEDY, check_fits, needed_bytes, size, state_bytes
-from trainer.metrics import peak_flops
+from trainer.hardware import TPU_GENERATIONS, peak_flops
 from trainer.model import ModelConfig, flops_per_token, param_count, recompute_flops_per_token
-
-
-# Cloud TPU generations by accelerator-type prefix: libtpu's topology name prefix, the
-# dimensions of its torus, devices per chip (v4 and v5p pair two cores as one device,
-# and their type counts cores), and HBM per device in GiB.
-TPU_GENERATIONS = {
-    'v4': ('v4', 3, 2, 32),
-    'v5p': ('v5', 3, 2, 95),
-    'v5litepod': ('v5e', 2, 1, 16),
-    'v6e': ('v6e', 2, 1, 32),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +59,9 @@ def topology_target(accelerator_type: str, slices: int) -> Target:
   if generation not in TPU_GENERATIONS or not count.isdigit():
     raise UserError(f'--topology {accelerator_type!r}: use a Cloud TPU type such as v5p-128, v4-64, '
                     f'v5litepod-16 or v6e-256 (generations {", ".join(TPU_GENERATIONS)})')
-  prefix, dims, cores_per_chip, hbm_gib = TPU_GENERATIONS[generation]
-  chips = int(count) // cores_per_chip
+  tpu = TPU_GENERATIONS[generation]
+  prefix, dims, hbm_gib = tpu.topology, tpu.torus_dims, tpu.hbm_gib
+  chips = int(count) // tpu.cores_per_device
   shape = _torus(chips, dims)
   if shape is None:
     raise UserError(f'--topology {accelerator_type}: {chips} chips is not a power of two that fills a slice')
@@ -81,7 +70,7 @@ def topology_target(accelerator_type: str, slices: int) -> Target:
   try:
     topology = topologies.get_topology_desc(
         topology_name=f'{prefix}:{"x".join(map(str, shape))}', platform='tpu',
-        chip_config_name='megacore' if cores_per_chip == 2 else 'default',
+        chip_config_name='megacore' if tpu.cores_per_device == 2 else 'default',
         chips_per_host_bounds=(2, 2, 1), num_slices=slices,
         # Slices with full rings close them into a torus: 4x4x4 and up for v4/v5p, 16-wide for v5e/v6e.
         wrap=tuple(d >= 4 and dims == 3 or d >= 16 for d in shape) + (False,) * (3 - dims))
@@ -130,16 +119,6 @@ def teacher_config(config: ml_collections.ConfigDict, teacher_spec: str | None) 
                   '(e.g. configs/paper.py:slm) to dry-run stage 1 with a random teacher of that size')
 
 
-def abstract_teacher(cfg: ModelConfig, mesh, rules) -> salt.Teacher:
-  """The teacher's structure and bfloat16 parameter shapes in `mesh`, as salt.load_teacher places them."""
-  graphdef, abstract_params = step.abstract_model(cfg)
-  logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract_params))
-  shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
-  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s),
-                        abstract_params, shardings)
-  return salt.Teacher(model=cfg, graphdef=graphdef, params=params, config={}, path='')
-
-
 def random_teacher(abstract: salt.Teacher, seed: int) -> salt.Teacher:
   """Random parameters in the teacher's shapes and shards: a stage-1 step costs the same whatever
   they are, and host-side numbers need no compiled initialiser."""
@@ -176,7 +155,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 3, topology: str | No
   program = train.build(config, mesh, np.ones(model_cfg.vocab_size, np.int32))
   tokens = config.data.global_batch_size * config.data.seq_len
   found = teacher_config(config, teacher_spec)
-  teacher = abstract_teacher(found[0], mesh, sharding.parse_rules(config.sharding)) if found else None
+  teacher = salt.abstract_teacher(found[0], mesh, sharding.parse_rules(config.sharding)) if found else None
   limit, limit_source = device_memory(target)
   say(f'devices: {target.name}; mesh {dict(mesh.shape)}; memory per device: '
       f'{size(limit) + ", " if limit else ""}{limit_source}')
@@ -207,27 +186,34 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 3, topology: str | No
     say(f'compiled for {target.name}; no steps run: those devices are not here')
     return figures
 
-  state = program.init(config.seed)
   if teacher:
-    teacher = (salt.load_teacher(config.salt.teacher, mesh, sharding.parse_rules(config.sharding),
-                                 salt.teacher_metadata(config.salt.teacher)['config']['data']['tokenizer_sha256'])
+    # A dry run reads no data, so there is no tokenizer to hold the teacher's against.
+    teacher = (salt.load_teacher(config.salt.teacher, mesh, sharding.parse_rules(config.sharding), None)
                if found[1] else random_teacher(teacher, config.seed + 1))
+  state = run_stages(config, program, compiled, teacher, figures, target.devices, steps, say)
+  if teacher:
+    salt.free(teacher)
+  figures['restored_step'] = save_and_restore(state, program.abstract_state, config, workdir, say)
+  return figures
+
+
+def run_stages(config: ml_collections.ConfigDict, program: train.Program, compiled: dict,
+               teacher: salt.Teacher | None, figures: dict, devices: list, steps: int, say) -> step.TrainState:
+  """Runs each compiled stage on random tokens, adding its timing to `figures`; the state after."""
+  tokens = config.data.global_batch_size * config.data.seq_len
+  state = program.init(config.seed)
   host = random_batch(config.data.global_batch_size // jax.process_count(), config.data.seq_len,
-                      model_cfg.vocab_size, seed=jax.process_index())
+                      config.model.vocab_size, seed=jax.process_index())
   batch = sharding.host_batch_to_global(host, program.batch_sharding)
   for name, executable in compiled.items():
     extra = (teacher.params,) if name.startswith('stage 1') else ()
     state, timing = time_steps(executable, state, batch, extra, steps)
     stage = figures['stages'][name]
-    stage.update(timing, **throughput(timing['step_seconds'], figures['model_flops_per_step'], tokens,
-                                      target.devices))
+    stage.update(timing, **throughput(timing['step_seconds'], figures['model_flops_per_step'], tokens, devices))
     mfu = 'n/a (peak unknown)' if stage['mfu'] is None else f'{stage["mfu"]:.1%}'
     say(f'{name}: {steps + 1} steps, loss {stage["loss"]:.3f}; step {stage["step_seconds"] * 1e3:.1f} ms, '
         f'{stage["tokens_per_sec"]:,.0f} tokens/s, MFU {mfu}')
-  if teacher:
-    salt.free(teacher)
-  figures['restored_step'] = save_and_restore(state, program.abstract_state, config, workdir, say)
-  return figures
+  return state
 
 
 def compile_stages(config: ml_collections.ConfigDict, program: train.Program,

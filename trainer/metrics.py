@@ -12,32 +12,7 @@ import jax
 from etils import epath
 from tensorboardX import SummaryWriter
 
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets. Matched against
-# jax.Device.device_kind by prefix, longest first.
-PEAK_FLOPS = {
-    'NVIDIA H100': 989e12,
-    'NVIDIA H200': 989e12,
-    'NVIDIA B200': 2250e12,
-    'NVIDIA A100': 312e12,
-    'NVIDIA L4': 121e12,
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v5': 459e12,
-    'TPU v6 lite': 918e12,
-    'TPU v6e': 918e12,
-    'TPU7x': 2307e12,
-}
-
-
-def peak_flops(device: jax.Device) -> float | None:
-  """Peak FLOP/s of one device, or None where unknown (CPUs)."""
-  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if device.device_kind.startswith(prefix):
-      return PEAK_FLOPS[prefix]
-  return None
-
+from trainer import hardware
 
 class MetricWriter:
   """metrics.jsonl (one object per logged step) and TensorBoard events under a directory.
@@ -88,7 +63,7 @@ class Throughput:
 
   def __init__(self, flops_per_token: float, tokens_per_step: int, devices: list[jax.Device],
                seconds: float = 0.0):
-    peak = peak_flops(devices[0])
+    peak = hardware.peak_flops(devices[0])
     self.flops_per_step = flops_per_token * tokens_per_step
     self.tokens_per_step = tokens_per_step
     self.peak = peak * len(devices) if peak else None

@@ -25,28 +25,56 @@ from jax.ad_checkpoint import checkpoint_name
 from kernels.attention import Attention, reference
 
 
+DTYPES = ('float32', 'bfloat16')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int
-  d_model: int
-  n_layers: int
-  n_heads: int
-  n_kv_heads: int
-  head_dim: int
-  d_ff: int
+  """The model's settings: the config's `model` group, whose keys and defaults these are."""
+  vocab_size: int = 32000
+  d_model: int = 512
+  n_layers: int = 8
+  n_heads: int = 8
+  n_kv_heads: int = 8
+  head_dim: int = 64
+  d_ff: int = 1408
   rope_theta: float = 10000.0
   # Rotary frequencies rescaled for contexts longer than the model was trained on, as
-  # Hugging Face's `rope_scaling` (see rope_frequencies): 'none', 'linear' or 'llama3'.
+  # Hugging Face's `rope_scaling` (see rope_frequencies, and models imported with `salt
+  # import-teacher`): one of ROPE_SCALINGS; the last three fields are llama3's.
   rope_scaling: str = 'none'
   rope_scaling_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0  # llama3 only
-  rope_high_freq_factor: float = 4.0  # llama3 only
-  rope_original_max_positions: int = 8192  # llama3 only
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   init_std: float = 0.02
-  dtype: str = 'bfloat16'
-  remat: str = 'save_everything'  # one of REMAT_POLICIES
+  dtype: str = 'bfloat16'  # compute dtype (one of DTYPES); parameters are always float32
+  # What the backward pass keeps of each layer (one of REMAT_POLICIES); the rest is
+  # recomputed. 'attention' is the attention output and the flash kernels' residuals.
+  remat: str = 'save_everything'
+
+  def problems(self) -> list[str]:
+    """What is wrong with these settings, one line each, named as config keys."""
+    found = [f'model.{key}={getattr(self, key)} must be positive'
+             for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff')
+             if getattr(self, key) <= 0]
+    checks = [
+        (self.dtype in DTYPES, f'model.dtype={self.dtype!r} must be one of {DTYPES}'),
+        (self.remat in REMAT_POLICIES, f'model.remat={self.remat!r} must be one of {tuple(REMAT_POLICIES)}'),
+        (found or self.n_heads % self.n_kv_heads == 0,
+         f'model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}'),
+        (self.head_dim % 2 == 0, f'model.head_dim={self.head_dim} must be even for rotary embeddings'),
+        (self.rope_scaling in ROPE_SCALINGS,
+         f'model.rope_scaling={self.rope_scaling!r} must be one of {ROPE_SCALINGS}'),
+        (self.rope_scaling_factor > 0, f'model.rope_scaling_factor={self.rope_scaling_factor} must be positive'),
+        (self.rope_scaling != 'llama3' or 0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+         f'model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor='
+         f'{self.rope_high_freq_factor} must satisfy 0 < low < high'),
+    ]
+    return found + [message for ok, message in checks if not ok]
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:

@@ -273,11 +273,22 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
         summaries[task['stem']] = summary
         bar.update(1)
   bar.close()
+  by_split = {split: [summaries[t['stem']] for t in tasks if t['stem'].startswith(split + '-')] for split in splits}
+  manifest = _manifest(by_split, output, sp, model_path, dtype, max_record_tokens)
+  if not manifest['splits']['train']['tokens']:
+    raise UserError(f'no document of {train} could be read; see the problems: {manifest["problems"][:3]}')
+  partial = output / (MANIFEST + '.partial')
+  partial.write_text(json.dumps(manifest, indent=2))
+  os.replace(partial, output / MANIFEST)
+  return manifest
 
+
+def _manifest(by_split: dict[str, list[dict]], output: Path, sp: spm.SentencePieceProcessor, model_path: Path,
+              dtype: str, max_record_tokens: int) -> dict:
+  """manifest.json's content, from the summaries of each split's shards."""
   skipped, problems, manifest_splits = collections.Counter(), [], {}
   counts = np.zeros(sp.vocab_size(), np.int64)
-  for split in splits:
-    shards = [summaries[t['stem']] for t in tasks if t['stem'].startswith(split + '-')]
+  for split, shards in by_split.items():
     for shard in shards:
       skipped.update(shard['skipped'])
       problems += shard['problems']
@@ -287,10 +298,8 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
         'shards': [{k: s[k] for k in ('file', 'index', 'source', 'sha256', 'bytes', 'index_sha256', 'documents',
                                       'records', 'tokens')} for s in shards],
         **{k: sum(s[k] for s in shards) for k in ('documents', 'records', 'tokens')}}
-  if not manifest_splits['train']['tokens']:
-    raise UserError(f'no document of {train} could be read; see the problems: {problems[:3]}')
-  p = counts[counts > 0] / counts.sum()
-  manifest = {
+  p = counts[counts > 0] / max(counts.sum(), 1)
+  return {
       'format': FORMAT,
       'tokenizer': TOKENIZER,
       'tokenizer_sha256': file_sha256(model_path),
@@ -305,10 +314,6 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
       # that ignores context, a yardstick for what training has learned.
       'unigram_entropy': float(-(p * np.log(p)).sum()),
   }
-  partial = output / (MANIFEST + '.partial')
-  partial.write_text(json.dumps(manifest, indent=2))
-  os.replace(partial, output / MANIFEST)
-  return manifest
 
 
 def _claim(output: Path, settings: dict, overwrite: bool) -> None:

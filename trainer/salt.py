@@ -11,17 +11,22 @@ tokenizer hash come from the checkpoint's metadata; its parameters are restored 
 """
 
 import dataclasses
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from trainer import sharding, step
+from trainer import data, sharding, step
 from trainer.checkpoint import absolute
 from trainer.errors import UserError
-from trainer.model import ModelConfig
+from trainer.model import ModelConfig, param_count
+
+log = logging.getLogger('salt')
 
 
 def kd_weight(step_number: jax.Array, *, schedule: str, weight: float, n_kd: int) -> jax.Array:
@@ -66,25 +71,30 @@ def teacher_metadata(path: str) -> dict:
     raise UserError(f'salt.teacher={path!r}: cannot read its metadata ({type(e).__name__})') from None
 
 
-def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256: str) -> Teacher:
+def abstract_teacher(cfg: ModelConfig, mesh: Mesh, rules: sharding.Rules) -> Teacher:
+  """A teacher's structure, and its parameters' bfloat16 shapes and shards in `mesh`."""
+  graphdef, abstract_params = step.abstract_model(cfg)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s),
+                        abstract_params, step.param_shardings(abstract_params, mesh, rules))
+  return Teacher(model=cfg, graphdef=graphdef, params=params, config={}, path='')
+
+
+def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256: str | None) -> Teacher:
   """Restores a teacher's parameters (only) in bfloat16 into `mesh`.
 
   Raises UserError when the path is not a checkpoint or cannot be read, or when the
-  teacher was trained with another tokenizer than the student's data.
+  teacher was trained with another tokenizer than `tokenizer_sha256`, the student's
+  data's (None: no data to check against).
   """
   meta = teacher_metadata(path)
   teacher_config = meta['config']
-  if teacher_config['data']['tokenizer_sha256'] != tokenizer_sha256:
+  if tokenizer_sha256 is not None and teacher_config['data']['tokenizer_sha256'] != tokenizer_sha256:
     raise UserError(
         f'the teacher {path} was trained with tokenizer {teacher_config["data"]["tokenizer_sha256"][:12]}..., '
         f'the student\'s data with {tokenizer_sha256[:12]}...; prepare the data with the teacher\'s '
         'tokenizer (salt prepare --tokenizer)')
-  cfg = teacher_model_config(teacher_config['model'])
-  graphdef, abstract_params = step.abstract_model(cfg)
-  logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract_params))
-  shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s),
-                        abstract_params, shardings)
+  abstract = abstract_teacher(teacher_model_config(teacher_config['model']), mesh, rules)
+  target = abstract.params
   try:
     restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
         absolute(path) / 'state',
@@ -92,10 +102,52 @@ def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256:
                                     restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)}))
   except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
     raise UserError(f'salt.teacher={path!r}: cannot read its parameters ({type(e).__name__})') from None
-  return Teacher(model=cfg, graphdef=graphdef, params=restored['params'], config=teacher_config, path=str(path))
+  return dataclasses.replace(abstract, params=restored['params'], config=teacher_config, path=str(path))
 
 
 def free(teacher: Teacher) -> None:
   """Deletes the teacher's device arrays: stage 2 has no use for them."""
   for x in jax.tree.leaves(teacher.params):
     x.delete()
+
+
+class Stages:
+  """Which batches and which step each step uses. Steps [0, n_kd) are stage 1: the
+  records the selection keeps (all without one), distilled from the teacher when there
+  is one; the rest are stage 2: all records, the plain step, the teacher's arrays freed.
+  Stage 2 reads the full stream from its start: its step s reads the stream's step s - n_kd."""
+
+  def __init__(self, program, config: ml_collections.ConfigDict, streams, first_step: int, mesh: Mesh):
+    self.program, self.n_kd = program, config.salt.n_kd
+    self.teacher = self.distillation_step = None
+    if config.salt.teacher and first_step < self.n_kd:
+      self.teacher = load_teacher(config.salt.teacher, mesh, sharding.parse_rules(config.sharding),
+                                  streams.manifest['tokenizer_sha256'])
+      self.distillation_step = program.distillation_step(self.teacher)
+      log.info('teacher: %s, %.1fM parameters; distillation for steps [%d, %d)', self.teacher.path,
+               param_count(self.teacher.model) / 1e6, first_step, self.n_kd)
+    loader = functools.partial(data.train_batches, global_batch=config.data.global_batch_size,
+                               seed=config.data.shuffle_seed, process_index=jax.process_index(),
+                               process_count=jax.process_count(), workers=config.data.workers)
+    self.stage1 = loader(streams.stage1, first_step=first_step, num_steps=max(self.n_kd - first_step, 0))
+    self.stage2 = loader(streams.full, first_step=max(first_step - self.n_kd, 0),
+                         num_steps=config.total_steps - max(first_step, self.n_kd))
+
+  def step(self, state, step_index: int):
+    """(state, metrics) after step `step_index`, dispatched without waiting for it."""
+    if step_index < self.n_kd:
+      batch = sharding.host_batch_to_global(next(self.stage1), self.program.batch_sharding)
+      if self.teacher:
+        return self.distillation_step(state, batch, self.teacher.params)
+      return self.program.train_step(state, batch)
+    if self.teacher:
+      jax.block_until_ready(state)  # the last stage-1 step has read the teacher
+      free(self.teacher)
+      self.teacher = self.distillation_step = None
+      log.info('step %d: stage 2, the teacher\'s arrays are freed', step_index)
+    return self.program.train_step(state, sharding.host_batch_to_global(next(self.stage2),
+                                                                        self.program.batch_sharding))
+
+  def close(self) -> None:
+    self.stage1.close()
+    self.stage2.close()

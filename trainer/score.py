@@ -106,12 +106,7 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
   meta_config = salt.teacher_metadata(teacher_path)['config']
   seq_len = meta_config['data']['seq_len']
   batch_size = batch_size or meta_config['data']['global_batch_size']
-  mesh = sharding.make_mesh(mesh_shape(meta_config['mesh'], jax.device_count()))
-  rules = sharding.parse_rules(meta_config['sharding'])
-  batch_shards = int(np.prod([mesh.shape[a] for a in rules['batch']]))
-  if batch_size % batch_shards or batch_size % jax.process_count():
-    raise UserError(f'--batch {batch_size} does not divide over the batch axes ({batch_shards}) and processes')
-  teacher = salt.load_teacher(teacher_path, mesh, rules, manifest['tokenizer_sha256'])
+  teacher, step, batch_sharding = _scorer(teacher_path, meta_config, batch_size, top_k, manifest['tokenizer_sha256'])
   stream = data.TokenStream(data_dir, 'train', seq_len)
   records, starts = windows(stream, seq_len)
   sampled = records % every == 0
@@ -123,36 +118,16 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
               'batch': batch_size, 'records': len(stream.records), 'tokenizer_sha256': manifest['tokenizer_sha256']}
   losses = np.zeros((n_batches * batch_size, seq_len), np.float32)
   learnable = np.zeros((n_batches * batch_size, seq_len), bool)
-  first = 0
-  if partial.exists() and not restart:
-    saved = np.load(partial)
-    before = json.loads(str(saved['settings'])) if 'settings' in saved else {}
-    changed = [f'{k} {before.get(k)!r} -> {v!r}' for k, v in settings.items() if before.get(k) != v]
-    if changed:
-      raise UserError(f'{partial} holds scores made with other settings ({"; ".join(changed)}); run with those '
-                      'to continue it, or with --restart to score from the start')
-    first = int(saved['done'])
-    losses[:first * batch_size], learnable[:first * batch_size] = saved['losses'][:first * batch_size], \
-        saved['learnable'][:first * batch_size]
+  first = 0 if restart else _continue(partial, settings, losses, learnable)
+  if first:
     log.info('continuing from batch %d of %d', first, n_batches)
 
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  attention = train.attention_fn('auto', teacher.model, seq_len, mesh, rules)
-  step = jax.jit(make_score_step(teacher.graphdef, top_k, meta_config['loss']['vocab_chunk'], attention),
-                 in_shardings=(jax.tree.map(lambda x: x.sharding, teacher.params), batch_sharding),
-                 out_shardings=sharding.replicated(mesh))
   per_process = batch_size // jax.process_count()
   mine = jax.process_index() * per_process
   start = time.perf_counter()
   bar = progress_bar(n_batches, first, enabled=progress, unit='batch', desc='scoring ')
   for b in range(first, n_batches):
-    rows = range(b * batch_size + mine, b * batch_size + mine + per_process)
-    # A record's windows are neighbours: read each record of the batch once.
-    needed = sorted({int(records[i]) for i in rows if i < records.size})
-    tokens = dict(zip(needed, stream.record_tokens(needed)))
-    host = [read_window(tokens[records[i]], starts[i], seq_len) if i < records.size else _empty_window(seq_len)
-            for i in rows]
-    batch = {k: np.stack([w[k] for w in host]) for k in host[0]}
+    batch = _host_batch(stream, records, starts, range(b * batch_size + mine, b * batch_size + mine + per_process))
     loss, ok = jax.device_get(step(teacher.params, sharding.host_batch_to_global(batch, batch_sharding)))
     losses[b * batch_size:(b + 1) * batch_size], learnable[b * batch_size:(b + 1) * batch_size] = loss, ok
     if (b + 1) % SAVE_EVERY == 0 and jax.process_index() == 0:
@@ -160,24 +135,73 @@ def score(teacher_path: str, data_dir: Path, *, top_k: int = 10, batch_size: int
     bar.update(1)
   bar.close()
 
+  salt.free(teacher)
   window_records = np.repeat(np.pad(records, (0, n_batches * batch_size - records.size), constant_values=-1),
                              seq_len)
   valid = window_records >= 0
   scores = median_per_record(window_records[valid], losses.reshape(-1)[valid], learnable.reshape(-1)[valid],
                              len(stream.records))
-  candidates = int(np.ceil(scores.size / every))
-  summary = {**settings, 'teacher': teacher_path,
-             'seconds': round(time.perf_counter() - start, 1),
-             'records': int(scores.size), 'sampled': candidates, 'scored': int(np.isfinite(scores).sum()),
-             'unscored': candidates - int(np.isfinite(scores).sum())}
+  summary = {**settings, 'teacher': teacher_path, 'seconds': round(time.perf_counter() - start, 1)}
+  return _write_scores(scores, summary, output, partial)
+
+
+def _write_scores(scores: np.ndarray, settings: dict, output: Path, partial: Path) -> dict:
+  """OUTPUT (the scores) and OUTPUT.json (the summary, returned), from process 0; the partial file goes."""
+  candidates = int(np.ceil(scores.size / settings['every']))
+  scored = int(np.isfinite(scores).sum())
+  summary = {**settings, 'records': int(scores.size), 'sampled': candidates, 'scored': scored,
+             'unscored': candidates - scored}
   if jax.process_index() == 0:
     tmp = output.with_name(output.name + '.tmp.npy')
     np.save(tmp, scores)
     os.replace(tmp, output)
     output.with_suffix('.json').write_text(json.dumps(summary, indent=2))
     partial.unlink(missing_ok=True)
-  salt.free(teacher)
   return summary
+
+
+def _scorer(teacher_path: str, meta_config: dict, batch_size: int, top_k: int, tokenizer_sha256: str):
+  """The teacher in the mesh its run used, its jitted scoring step and the batch's sharding."""
+  mesh = sharding.make_mesh(mesh_shape(meta_config['mesh'], jax.device_count()))
+  rules = sharding.parse_rules(meta_config['sharding'])
+  batch_shards = int(np.prod([mesh.shape[a] for a in rules['batch']]))
+  if batch_size % batch_shards or batch_size % jax.process_count():
+    raise UserError(f'--batch {batch_size} does not divide over the batch axes ({batch_shards}) and processes')
+  teacher = salt.load_teacher(teacher_path, mesh, rules, tokenizer_sha256)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  attention = train.attention_fn('auto', teacher.model, meta_config['data']['seq_len'], mesh, rules)
+  step = jax.jit(make_score_step(teacher.graphdef, top_k, meta_config['loss']['vocab_chunk'], attention),
+                 in_shardings=(jax.tree.map(lambda x: x.sharding, teacher.params), batch_sharding),
+                 out_shardings=sharding.replicated(mesh))
+  return teacher, step, batch_sharding
+
+
+def _continue(partial: Path, settings: dict, losses: np.ndarray, learnable: np.ndarray) -> int:
+  """Fills in the batches a partial file holds; returns how many. A file made with other
+  settings is refused: its scores would mix two definitions."""
+  if not partial.exists():
+    return 0
+  saved = np.load(partial)
+  before = json.loads(str(saved['settings'])) if 'settings' in saved else {}
+  changed = [f'{k} {before.get(k)!r} -> {v!r}' for k, v in settings.items() if before.get(k) != v]
+  if changed:
+    raise UserError(f'{partial} holds scores made with other settings ({"; ".join(changed)}); run with those '
+                    'to continue it, or with --restart to score from the start')
+  done = int(saved['done'])
+  rows = done * settings['batch']
+  losses[:rows], learnable[:rows] = saved['losses'][:rows], saved['learnable'][:rows]
+  return done
+
+
+def _host_batch(stream: data.TokenStream, records: np.ndarray, starts: np.ndarray, rows: range) -> dict:
+  """This process's windows `rows` of the batch (empty ones past the last window)."""
+  seq_len = stream.row_len - 1
+  # A record's windows are neighbours: read each record of the batch once.
+  needed = sorted({int(records[i]) for i in rows if i < records.size})
+  tokens = dict(zip(needed, stream.record_tokens(needed)))
+  host = [read_window(tokens[records[i]], starts[i], seq_len) if i < records.size else _empty_window(seq_len)
+          for i in rows]
+  return {k: np.stack([w[k] for w in host]) for k in host[0]}
 
 
 def describe(summary: dict) -> str:

@@ -42,12 +42,17 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
 
 
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: sharding.Rules) -> nnx.State:
+  """Where each parameter lives: its logical axes (the model's annotations) by the rules."""
+  logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract_params))
+  return sharding.tree_shardings(abstract_params, logical, mesh, rules)
+
+
 def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: sharding.Rules) -> TrainState:
   """Where every array of the train state lives: parameters by their logical axes,
   optimizer moments like the parameters they track, scalars replicated."""
-  logical = jax.tree.map(tuple, nnx.get_partition_spec(abstract_params))
-  params = sharding.tree_shardings(abstract_params, logical, mesh, rules)
+  params = param_shardings(abstract_params, mesh, rules)
   opt_state = optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
       transform_non_params=lambda _: sharding.replicated(mesh))

@@ -267,155 +267,196 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: st
   validate(config, jax.device_count())
   workdir = epath.Path(workdir)
   with RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-    return _train(config, workdir, resume, allow_data_change)
+    run = open_run(config, workdir, resume, allow_data_change)
+    try:
+      last = train_loop(run, salt.Stages(run.program, config, run.data, int(run.state.step), run.mesh))
+    finally:
+      run.checkpoints.close()
+  if 'eval_loss' in last:
+    log.info('validation: loss %.3f nats/token (unigram entropy %.3f), %.3f bits/byte',
+             last['eval_loss'], run.data.manifest['unigram_entropy'], last['eval_bits_per_byte'])
+  log.info('run directory: %s\n  metrics:     %s\n  tensorboard: tensorboard --logdir %s\n  checkpoints: %s',
+           workdir, workdir / 'metrics.jsonl', workdir / 'tensorboard', workdir / 'checkpoints')
+  return last
 
 
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str,
-           allow_data_change: bool) -> dict[str, float]:
-  is_main = jax.process_index() == 0
-  mesh = make_mesh(config)
-  model_cfg = ModelConfig(**config.model)
-  data_dir = Path(config.data.path) if config.data.path else default_data_dir(model_cfg.vocab_size)
+def train_loop(run: 'Run', stages: salt.Stages) -> dict[str, float]:
+  """Steps from the restored one to the last, with the periodic chores: metrics are
+  fetched, checked and logged every log.every_steps (and evaluated every
+  eval.every_steps), checkpoints saved every checkpoint.every_steps and at a stop."""
+  config, state = run.config, run.state
+  first_step = int(state.step)
+  writer = metrics.MetricWriter(run.workdir, enabled=jax.process_index() == 0)
+  throughput = metrics.Throughput(run.flops_per_token, config.data.global_batch_size * config.data.seq_len,
+                                  jax.devices(), run.train_seconds)
+  stop = checkpoint.StopSignals()
+  bar = progress.bar(config.total_steps, first_step, enabled=jax.process_index() == 0)
+  pending, last = [], {}
+  try:
+    for step_index in range(first_step, config.total_steps):
+      state, step_metrics = stages.step(state, step_index)
+      pending.append(step_metrics)
+      done = step_index + 1
+      bar.update(1)
+      stopping = stop.reached(done)
+      saving = stopping or done == config.total_steps or run.checkpoints.should_save(done)
+      logging_now = done % config.log.every_steps == 0 or done == config.total_steps
+      if not (saving or logging_now):
+        continue
+      # Metrics are fetched only here, so the host does not wait on every step.
+      pending = jax.device_get(pending)
+      _check_finite(run, pending, done - len(pending) + 1)
+      if saving:
+        _checkpoint(run, state, done, throughput.elapsed())
+      if logging_now:
+        last = _log(run, state, pending, done, throughput, stages.n_kd)
+        writer.write(done, last)
+        bar.set_postfix_str(metrics.describe(last), refresh=False)
+      pending = []
+      if stopping:
+        run.checkpoints.wait()
+        raise Preempted(done)
+    run.checkpoints.wait()
+  finally:
+    for closing in (stop.restore, bar.close, stages.close, writer.close):
+      closing()
+  return last
+
+
+def _check_finite(run: 'Run', fetched: list[dict], first: int) -> None:
+  """With nonfinite='stop', a loss or gradient that is not finite ends the run, naming a good checkpoint."""
+  bad = first_nonfinite(fetched, first) if run.config.nonfinite == 'stop' else None
+  if bad is None:
+    return
+  run.checkpoints.wait()
+  good = [s for s in run.checkpoints.manager.all_steps() if s < bad]
+  raise Diverged(f'the loss or gradient is not finite at step {bad}; the last good checkpoint is '
+                 f'{"step " + str(max(good)) if good else "none"}; lower optim.lr or set '
+                 '--config.nonfinite=skip to skip such batches')
+
+
+def _checkpoint(run: 'Run', state: step.TrainState, done: int, train_seconds: float) -> None:
+  meta = {'config': run.resolved, 'versions': run.versions, 'train_seconds': train_seconds,
+          'data': {'step': done, 'fingerprint': run.fingerprint}}
+  run.checkpoints.save(done, state, meta)
+
+
+def _log(run: 'Run', state: step.TrainState, fetched: list[dict], done: int, throughput: metrics.Throughput,
+         n_kd: int) -> dict[str, float]:
+  """The logged record of step `done`: the mean metrics since the last, throughput, evaluation."""
+  config = run.config
+  record = {**mean_metrics(fetched), 'stage': 1 if done <= n_kd else 2, **throughput(done)}
+  if run.data.eval and (done % config.eval.every_steps == 0 or done == config.total_steps):
+    record.update(evaluate(run.program, state.params, run.data.eval, config))
+    throughput.restart(done)
+  return record
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  """A run's data: the prepared directory and the streams each stage reads."""
+  path: Path
+  manifest: dict
+  selection: np.ndarray | None  # the record ids stage 1 reads; None: all
+  full: data.TokenStream  # stage 2's
+  stage1: data.TokenStream
+  eval: data.TokenStream | None
+
+
+def open_data(config: ml_collections.ConfigDict) -> RunData:
+  """The data, checked against the model's tokenizer, each split's shards verified."""
+  data_dir = Path(config.data.path) if config.data.path else default_data_dir(config.model.vocab_size)
   manifest = read_manifest(data_dir)
   check_tokenizer(config, manifest, data_dir)
   selection = select(config.data.selection, manifest, data_dir)
-  n_kd = config.salt.n_kd
-  if n_kd and config.salt.weight and not config.salt.teacher:
-    raise UserError(f'salt.n_kd={n_kd} distills with salt.weight={config.salt.weight} but salt.teacher is not set: '
-                    'give the small model\'s checkpoint (--config.salt.teacher=RUN/checkpoints/STEP), or '
-                    '--config.salt.weight=0 for a stage 1 of selected data alone')
   open_split = functools.partial(data.TokenStream, data_dir, seq_len=config.data.seq_len,
                                  verify_hashes=config.data.verify_hashes)
-  full_stream = open_split('train')
-  stage1_stream = full_stream if selection is None else open_split('train', records=selection)
-  eval_stream = (open_split('validation')
-                 if 'validation' in manifest['splits'] else None)
-  program = build(config, mesh, data.token_bytes(data_dir / manifest['tokenizer']))
+  full = open_split('train')
+  return RunData(path=data_dir, manifest=manifest, selection=selection, full=full,
+                 stage1=full if selection is None else open_split('train', records=selection),
+                 eval=open_split('validation') if 'validation' in manifest['splits'] else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """An opened run: what the loop needs, its state restored or fresh."""
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  mesh: Mesh
+  program: 'Program'
+  data: RunData
+  checkpoints: checkpoint.Checkpoints
+  state: step.TrainState
+  train_seconds: float  # training time before this start (evaluation excluded)
+  resolved: dict  # the config as run: the data directory and tokenizer filled in
+  fingerprint: dict  # what the batches depend on besides the step
+  versions: dict
+  flops_per_token: float
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str, allow_data_change: bool) -> Run:
+  """Mesh, data, program and state (restored per `resume`, or fresh); writes config.json."""
+  if config.salt.n_kd and config.salt.weight and not config.salt.teacher:
+    raise UserError(f'salt.n_kd={config.salt.n_kd} distills with salt.weight={config.salt.weight} but salt.teacher '
+                    'is not set: give the small model\'s checkpoint (--config.salt.teacher=RUN/checkpoints/STEP), '
+                    'or --config.salt.weight=0 for a stage 1 of selected data alone')
+  mesh = make_mesh(config)
+  run_data = open_data(config)
+  program = build(config, mesh, data.token_bytes(run_data.path / run_data.manifest['tokenizer']))
   # Before anything is allocated: a state too big for the devices is one line, not an
   # out-of-memory kill (`salt dryrun` checks the compiled step as well).
   memory.check_fits('the train state (parameters, optimizer moments)', memory.state_bytes(program.abstract_state),
                     *memory.local_device_memory(), memory.STATE_REMEDY)
-
   resolved = config.to_dict()
-  resolved['data'].update(path=str(data_dir), tokenizer_sha256=manifest['tokenizer_sha256'])
-  fingerprint = data_fingerprint(config, manifest, selection)
-  written_by = versions()
+  resolved['data'].update(path=str(run_data.path), tokenizer_sha256=run_data.manifest['tokenizer_sha256'])
+  fingerprint = data_fingerprint(config, run_data.manifest, run_data.selection)
   checkpoints = checkpoint.Checkpoints(
       workdir / 'checkpoints', every_steps=config.checkpoint.every_steps,
       max_to_keep=config.checkpoint.max_to_keep, keep_every_steps=config.checkpoint.keep_every_steps,
       async_save=config.checkpoint.async_save)
   restored = checkpoints.restore(program.abstract_state, resume, model=config.model.to_dict())
-  train_seconds, data_changes = 0.0, []
   if restored:
     state, meta = restored
     train_seconds = meta.get('train_seconds', 0.0)
     data_changes = check_resumed_data(meta['data']['fingerprint'], fingerprint, int(state.step), allow_data_change)
     log.info('resumed from the checkpoint at step %d', int(state.step))
   else:
-    state = program.init(config.seed)
+    state, train_seconds, data_changes = program.init(config.seed), 0.0, []
+  run = Run(config=config, workdir=workdir, mesh=mesh, program=program, data=run_data, checkpoints=checkpoints,
+            state=state, train_seconds=train_seconds, resolved=resolved, fingerprint=fingerprint,
+            versions=versions(), flops_per_token=flops_per_token(ModelConfig(**config.model), config.data.seq_len))
+  if jax.process_index() == 0:
+    write_run_config(run, data_changes)
+  describe(run)
+  return run
 
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    kept = {'records': len(selection), 'of': manifest['splits']['train']['records'],
-            'ids_sha256': fingerprint['selection_sha256']} if selection is not None else None
-    # The data changes allowed on resume stay on record, whatever config wrote the file last.
-    written = workdir / 'config.json'
-    history = json.loads(written.read_text()).get('data_changes', []) if written.exists() else []
-    if data_changes:
-      history.append({'step': int(state.step), 'changes': data_changes})
-    written.write_text(json.dumps({'config': resolved, 'selection': kept, 'versions': written_by,
-                                   'data_changes': history}, indent=2))
-  seq_len, global_batch = config.data.seq_len, config.data.global_batch_size
-  flops = flops_per_token(model_cfg, seq_len)
+
+def write_run_config(run: Run, data_changes: list[str]) -> None:
+  """RUN/config.json: the resolved config, the selection, the versions, and every data
+  change allowed on resume (kept whatever config wrote the file last)."""
+  selection, manifest = run.data.selection, run.data.manifest
+  kept = {'records': len(selection), 'of': manifest['splits']['train']['records'],
+          'ids_sha256': run.fingerprint['selection_sha256']} if selection is not None else None
+  run.workdir.mkdir(parents=True, exist_ok=True)
+  written = run.workdir / 'config.json'
+  history = json.loads(written.read_text()).get('data_changes', []) if written.exists() else []
+  if data_changes:
+    history.append({'step': int(run.state.step), 'changes': data_changes})
+  written.write_text(json.dumps({'config': run.resolved, 'selection': kept, 'versions': run.versions,
+                                 'data_changes': history}, indent=2))
+
+
+def describe(run: Run) -> None:
+  """Logs the model, the mesh and the data of the run."""
+  config, streams, manifest = run.config, run.data, run.data.manifest
   log.info('model: %.1fM parameters, %.3g training FLOPs/token; mesh %s on %d %s device(s)',
-           param_count(model_cfg) / 1e6, flops, dict(mesh.shape), jax.device_count(),
-           jax.devices()[0].device_kind)
-  log.info('data: %s (%d training tokens, %d rows of %d); unigram entropy %.3f nats/token',
-           data_dir, full_stream.offsets[-1], len(full_stream), seq_len + 1, manifest['unigram_entropy'])
-  if n_kd:
-    log_stage1_passes(n_kd * global_batch, stage1_stream, selected=selection is not None)
-  if selection is not None:
-    log.info('stage 1 reads %d of %d records (%d tokens), selected by %s', len(selection),
-             manifest['splits']['train']['records'], stage1_stream.offsets[-1], config.data.selection.rule)
-
-  first_step = int(state.step)
-  teacher = None
-  if config.salt.teacher and first_step < n_kd:
-    teacher = salt.load_teacher(config.salt.teacher, mesh, sharding.parse_rules(config.sharding),
-                                manifest['tokenizer_sha256'])
-    distillation_step = program.distillation_step(teacher)
-    log.info('teacher: %s, %.1fM parameters; distillation for steps [%d, %d)', teacher.path,
-             param_count(teacher.model) / 1e6, first_step, n_kd)
-  loader = functools.partial(data.train_batches, global_batch=global_batch, seed=config.data.shuffle_seed,
-                             process_index=jax.process_index(), process_count=jax.process_count(),
-                             workers=config.data.workers)
-  # Stage 2 reads the full stream from its start: its step s reads the stream's step s - n_kd.
-  stage1 = loader(stage1_stream, first_step=first_step, num_steps=max(n_kd - first_step, 0))
-  stage2 = loader(full_stream, first_step=max(first_step - n_kd, 0),
-                  num_steps=config.total_steps - max(first_step, n_kd))
-  writer = metrics.MetricWriter(workdir, enabled=is_main)
-  throughput = metrics.Throughput(flops, global_batch * seq_len, jax.devices(), train_seconds)
-  stop = checkpoint.StopSignals()
-  bar = progress.bar(config.total_steps, first_step, enabled=is_main)
-  pending, pending_from, last = [], first_step, {}
-  try:
-    for step_index in range(first_step, config.total_steps):
-      if step_index < n_kd:
-        batch = sharding.host_batch_to_global(next(stage1), program.batch_sharding)
-        state, step_metrics = (distillation_step(state, batch, teacher.params) if teacher
-                               else program.train_step(state, batch))
-      else:
-        if teacher:
-          jax.block_until_ready(state)  # the last stage-1 step has read the teacher
-          salt.free(teacher)
-          teacher = distillation_step = None
-          log.info('step %d: stage 2, the teacher\'s arrays are freed', step_index)
-        state, step_metrics = program.train_step(
-            state, sharding.host_batch_to_global(next(stage2), program.batch_sharding))
-      pending.append(step_metrics)
-      done = step_index + 1
-      bar.update(1)
-      stopping = stop.reached(done)
-      saving = stopping or done == config.total_steps or checkpoints.should_save(done)
-      logging_now = done % config.log.every_steps == 0 or done == config.total_steps
-      if not (saving or logging_now):
-        continue
-      # Metrics are fetched only here, so the host does not wait on every step.
-      pending = jax.device_get(pending)
-      bad = first_nonfinite(pending, pending_from + 1) if config.nonfinite == 'stop' else None
-      if bad is not None:
-        checkpoints.wait()
-        good = [s for s in checkpoints.manager.all_steps() if s < bad]
-        raise Diverged(f'the loss or gradient is not finite at step {bad}; the last good checkpoint is '
-                       f'{"step " + str(max(good)) if good else "none"}; lower optim.lr or set '
-                       '--config.nonfinite=skip to skip such batches')
-      if saving:
-        meta = {'config': resolved, 'versions': written_by, 'train_seconds': throughput.elapsed(),
-                'data': {'step': done, 'fingerprint': fingerprint}}
-        checkpoints.save(done, state, meta)
-      if logging_now:
-        last = {**mean_metrics(pending), 'stage': 1 if done <= n_kd else 2}
-        last.update(throughput(done))
-        if eval_stream and (done % config.eval.every_steps == 0 or done == config.total_steps):
-          last.update(evaluate(program, state.params, eval_stream, config))
-          throughput.restart(done)
-        writer.write(done, last)
-        bar.set_postfix_str(metrics.describe(last), refresh=False)
-      pending, pending_from = [], done
-      if stopping:
-        checkpoints.wait()
-        raise Preempted(done)
-    checkpoints.wait()
-  finally:
-    stop.restore()
-    bar.close()
-    stage1.close()
-    stage2.close()
-    writer.close()
-    checkpoints.close()
-  if 'eval_loss' in last:
-    log.info('validation: loss %.3f nats/token (unigram entropy %.3f), %.3f bits/byte',
-             last['eval_loss'], manifest['unigram_entropy'], last['eval_bits_per_byte'])
-  log.info('run directory: %s\n  metrics:     %s\n  tensorboard: tensorboard --logdir %s\n  checkpoints: %s',
-           workdir, workdir / 'metrics.jsonl', workdir / 'tensorboard', workdir / 'checkpoints')
-  return last
+           param_count(ModelConfig(**config.model)) / 1e6, run.flops_per_token, dict(run.mesh.shape),
+           jax.device_count(), jax.devices()[0].device_kind)
+  log.info('data: %s (%d training tokens, %d rows of %d); unigram entropy %.3f nats/token', streams.path,
+           streams.full.offsets[-1], len(streams.full), config.data.seq_len + 1, manifest['unigram_entropy'])
+  if config.salt.n_kd:
+    log_stage1_passes(config.salt.n_kd * config.data.global_batch_size, streams.stage1,
+                      selected=streams.selection is not None)
+  if streams.selection is not None:
+    log.info('stage 1 reads %d of %d records (%d tokens), selected by %s', len(streams.selection),
+             manifest['splits']['train']['records'], streams.stage1.offsets[-1], config.data.selection.rule)
