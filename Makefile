@@ -14,7 +14,7 @@ PYTHON := $(shell for p in python3 python3.13 python3.12 python; do \
 	&& { echo $$p; break; }; done)
 WORKDIR ?= runs/demo
 
-.PHONY: demo test test-tpu install clean
+.PHONY: demo test test-fast test-tpu install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest
+
+# The edit-test loop: everything but the tests marked slow.
+test-fast: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -m 'not slow'
 
 $(TPU_STAMP): pyproject.toml $(STAMP)
 	@[ -x $(TPU_VENV)/bin/python ] || $(PYTHON) -m venv $(TPU_VENV)

@@ -62,9 +62,10 @@ def reference(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
   return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask=document_mask(segment_ids_BxL))
 
 
-def _cudnn(q, k, v, segment_ids, *, interpret: bool):
+def _cudnn(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL, *, interpret: bool):
   del interpret
-  return jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids), implementation='cudnn')
+  return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask=document_mask(segment_ids_BxL),
+                                      implementation='cudnn')
 
 
 def _pallas_gpu(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL, *, interpret: bool):

@@ -22,6 +22,9 @@ TPUs (Mosaic, 'arbitrary' semantics) and in interpret mode; CPUs run the kernels
 interpret mode. GPUs take another shape altogether (kernels.token_chunks). Blocks may
 overhang the arrays: rows and columns past the end are masked, so T and V need not
 be multiples of the block.
+
+Shapes in names: T tokens, D student width, G teacher width, V vocabulary, bT x bV a
+block, A statistics per token (kernels.stats).
 """
 
 import functools
@@ -147,24 +150,24 @@ def _gradient_kernel(T, V, tau, with_teacher, wrt, targets_ref, coef_ref, hs_ref
                                         preferred_element_type=jnp.float32)
 
 
-def _specs(token_major: bool, bT: int, bV: int, D: int, E: int | None):
+def _specs(token_major: bool, bT: int, bV: int, D: int, G: int | None):
   """BlockSpecs of (targets, [coef,] h_s, w_s[, h_t, w_t]) for a (token, vocab) or (vocab, token) grid."""
   tok = (lambda i, j: (i, 0)) if token_major else (lambda j, i: (i, 0))
   voc = (lambda i, j: (0, j)) if token_major else (lambda j, i: (0, j))
   specs = [pl.BlockSpec((bT, 1), tok), pl.BlockSpec((bT, D), tok), pl.BlockSpec((D, bV), voc)]
-  if E is not None:
-    specs += [pl.BlockSpec((bT, E), tok), pl.BlockSpec((E, bV), voc)]
+  if G is not None:
+    specs += [pl.BlockSpec((bT, G), tok), pl.BlockSpec((G, bV), voc)]
   return specs, tok, voc
 
 
 def partial_stats(h_s, w_s, targets, teacher, *, tau: float, block_t: int, block_v: int,
                   backend: str, vmem_limit: int | None = None) -> jax.Array:
-  """[T, K] statistics over the columns of w_s (targets and argmax relative to its first column)."""
+  """[T, A] statistics over the columns of w_s (targets and argmax relative to its first column)."""
   T, D = h_s.shape
   V = w_s.shape[1]
   bT, bV = min(block_t, T), min(block_v, V)
-  E = None if teacher is None else teacher[0].shape[1]
-  specs, tok, _ = _specs(True, bT, bV, D, E)
+  G = None if teacher is None else teacher[0].shape[1]
+  specs, tok, _ = _specs(True, bT, bV, D, G)
   width = S.width(teacher is not None)
   return pl.pallas_call(
       functools.partial(_forward_kernel, T, V, tau, teacher is not None),
@@ -182,20 +185,20 @@ def gradients(h_s, w_s, targets, teacher, coef, *, tau: float, block_t: int, blo
   T, D = h_s.shape
   V = w_s.shape[1]
   bT, bV = min(block_t, T), min(block_v, V)
-  E = None if teacher is None else teacher[0].shape[1]
+  G = None if teacher is None else teacher[0].shape[1]
   args = (targets.reshape(T, 1), coef, h_s, w_s, *(teacher or ()))
   kernel_args = (T, V, tau, teacher is not None)
 
   def with_coef(specs, tok):
     return specs[:1] + [pl.BlockSpec((bT, coef.shape[1]), tok)] + specs[1:]
 
-  specs, tok, _ = _specs(True, bT, bV, D, E)
+  specs, tok, _ = _specs(True, bT, bV, D, G)
   dh = pl.pallas_call(
       functools.partial(_gradient_kernel, *kernel_args, 'h'), grid=(pl.cdiv(T, bT), pl.cdiv(V, bV)),
       in_specs=with_coef(specs, tok), out_specs=pl.BlockSpec((bT, D), tok),
       out_shape=jax.ShapeDtypeStruct((T, D), jnp.float32),
       **_platform_params(backend, ('parallel', 'arbitrary'), vmem_limit))(*args)
-  specs, tok, voc = _specs(False, bT, bV, D, E)
+  specs, tok, voc = _specs(False, bT, bV, D, G)
   dw = pl.pallas_call(
       functools.partial(_gradient_kernel, *kernel_args, 'w'), grid=(pl.cdiv(V, bV), pl.cdiv(T, bT)),
       in_specs=with_coef(specs, tok), out_specs=pl.BlockSpec((D, bV), voc),

@@ -20,8 +20,8 @@ With teacher_top_k = k > 0 the teacher distribution keeps only the tokens whose
 logit reaches its k-th largest (ties may keep a few more), renormalised. Gradients
 flow to the student only.
 
-Shapes in names: T tokens, D student width, E teacher width, V vocabulary, C chunk,
-N = ceil(V / C) chunks, K top-k.
+Shapes in names: T tokens, D student width, G teacher width, V vocabulary, C chunk,
+N = ceil(V / C) chunks, k the teacher's kept tokens (salt.teacher_top_k).
 """
 
 from typing import NamedTuple
@@ -68,7 +68,7 @@ def token_losses(
     h_s_TxD: student hidden states; the student's matmuls run in this dtype.
     w_s_DxV: student unembedding.
     targets_T: int token ids in [0, V).
-    teacher: (h_t_TxE, w_t_ExV) or None for the student's cross-entropy alone.
+    teacher: (h_t_TxG, w_t_GxV) or None for the student's cross-entropy alone.
     tau: distillation temperature.
     teacher_top_k: truncate the teacher to its top k tokens (0: keep all).
     chunk: vocabulary columns per block; the last block is padded and masked.
@@ -105,23 +105,23 @@ def token_losses(
     (max_T, sum_T, target_T, _), _ = jax.lax.scan(step, (low, zero, zero, first_T), (ws_NxDxC, starts_N))
     return TokenLosses(ce=max_T + jnp.log(sum_T) - target_T)
 
-  h_t_TxE, w_t_ExV = jax.tree.map(jax.lax.stop_gradient, teacher)
-  wt_NxExC = _chunked(w_t_ExV, h_t_TxE.dtype, C)
+  h_t_TxG, w_t_GxV = jax.tree.map(jax.lax.stop_gradient, teacher)
+  wt_NxGxC = _chunked(w_t_GxV, h_t_TxG.dtype, C)
   threshold_T = jnp.full((T,), -jnp.inf)
   if teacher_top_k:
-    def top_k_step(top_TxK, xs):
-      u_TxC, _ = logits(h_t_TxE, *xs)
-      return jax.lax.top_k(jnp.concatenate([top_TxK, u_TxC], -1), teacher_top_k)[0], None
+    def top_k_step(top_Txk, xs):
+      u_TxC, _ = logits(h_t_TxG, *xs)
+      return jax.lax.top_k(jnp.concatenate([top_Txk, u_TxC], -1), teacher_top_k)[0], None
 
-    top_TxK, _ = jax.lax.scan(top_k_step, jnp.full((T, teacher_top_k), -jnp.inf), (wt_NxExC, starts_N))
-    threshold_T = top_TxK[:, -1]
+    top_Txk, _ = jax.lax.scan(top_k_step, jnp.full((T, teacher_top_k), -jnp.inf), (wt_NxGxC, starts_N))
+    threshold_T = top_Txk[:, -1]
 
   @jax.checkpoint
   def step(carry, xs):
     student, teacher_1, (tau_max_T, tau_sum_T), (t_max_T, t_sum_T, weighted_T) = carry
-    ws_DxC, wt_ExC, start = xs
+    ws_DxC, wt_GxC, start = xs
     z_TxC, columns_C = logits(h_s_TxD, ws_DxC, start)
-    u_TxC, _ = logits(h_t_TxE, wt_ExC, start)
+    u_TxC, _ = logits(h_t_TxG, wt_GxC, start)
     student = student_terms(student, z_TxC, columns_C)
     teacher_1 = student_terms(teacher_1, u_TxC, columns_C)
     tau_max_T, tau_sum_T = _online_lse(tau_max_T, tau_sum_T, z_TxC / tau)
@@ -136,7 +136,7 @@ def token_losses(
 
   init = ((low, zero, zero, first_T), (low, zero, zero, first_T), (low, zero), (low, zero, zero))
   (student, teacher_1, (tau_max_T, tau_sum_T), (_, t_sum_T, weighted_T)), _ = jax.lax.scan(
-      step, init, (ws_NxDxC, wt_NxExC, starts_N))
+      step, init, (ws_NxDxC, wt_NxGxC, starts_N))
   max_T, sum_T, target_T, best_T = student
   t_max_1, t_sum_1, t_target_T, t_best_T = teacher_1
   return TokenLosses(

@@ -1,6 +1,6 @@
 """Per-token statistics from which the losses follow: fold a block in, combine shards, finish.
 
-A token's statistics over a set of vocabulary columns are a [K] float32 row:
+A token's statistics over a set of vocabulary columns are an [A] float32 row:
 
   student at 1:    max, sum exp(z - max), z[target], argmax
   student at tau:  max, sum exp(z/tau - max)
@@ -10,8 +10,10 @@ A token's statistics over a set of vocabulary columns are a [K] float32 row:
 (the first four alone without a teacher). Rows over disjoint column sets combine
 exactly: maxima by max, sums rescaled to the common maximum and added, target logits
 added (one set holds the target), argmax from the set holding the maximum. The
-kernels fold [bT, bV] logit blocks into [bT, K] rows; vocabulary shards combine with
+kernels fold [bT, bV] logit blocks into [bT, A] rows; vocabulary shards combine with
 collectives; `losses` turns the final rows into the per-token terms.
+
+Shapes in names: A statistics per token, bT x bV a block of tokens x vocabulary columns.
 """
 
 import jax
@@ -41,7 +43,7 @@ def initial(shape: tuple[int, int]) -> jax.Array:
 
 
 def initial_columns(rows: int, k: int) -> list[jax.Array]:
-  """`initial` as K [rows, 1] columns."""
+  """`initial` as A [rows, 1] columns."""
   return [jnp.full((rows, 1), _LOW if c in (S_MAX, Q_MAX, R_MAX, T_MAX) else 0.0, jnp.float32) for c in range(k)]
 
 
@@ -63,14 +65,14 @@ def _best(max_, best, x, columns):
 
 def fold(stats: jax.Array, z: jax.Array, u: jax.Array | None, columns: jax.Array, targets: jax.Array,
          tau: float) -> jax.Array:
-  """Statistics [bT, K] with one block folded in (see `fold_columns`)."""
+  """Statistics [bT, A] with one block folded in (see `fold_columns`)."""
   col = [stats[:, k:k + 1] for k in range(stats.shape[1])]
   return jnp.concatenate(fold_columns(col, z, u, columns, targets, tau), axis=1)
 
 
 def fold_columns(col: list[jax.Array], z: jax.Array, u: jax.Array | None, columns: jax.Array,
                  targets: jax.Array, tau: float) -> list[jax.Array]:
-  """The K [bT, 1] statistics with one block folded in.
+  """The A [bT, 1] statistics with one block folded in.
 
   z, u: [bT, bV] float32 logits of the student and the teacher (None: no teacher),
   -inf in columns past the vocabulary. columns: [1, bV] int32 ids of the block's

@@ -17,8 +17,8 @@ For a token with logits z (student), u (teacher), target y and weights g_ce, g_k
 
   d loss / d z = g_ce (softmax(z) - onehot(y)) + g_kd / tau (softmax(z / tau) - softmax(u / tau))
 
-Shapes in names: T tokens (of this shard), D student width, E teacher width, V this
-shard's vocabulary columns, C chunk, N = T / C chunks, K statistics per token.
+Shapes in names: T tokens (of this shard), D student width, G teacher width, V this
+shard's vocabulary columns, C chunk, N = T / C chunks, A statistics per token.
 """
 
 import jax
@@ -64,7 +64,7 @@ def losses_and_gradients(
     vocab_axes: tuple[str, ...] = (),
     offset: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-  """Per-token statistics [T, K] over all vocabulary shards, and (with `gradients`)
+  """Per-token statistics [T, A] over all vocabulary shards, and (with `gradients`)
   dh [T, D] and this shard's dW [D, V] for the loss sum_t g_ce CE + g_kd KD.
 
   `ids_T` are the targets as this shard's column ids (-1: another shard's column);
@@ -86,7 +86,7 @@ def losses_and_gradients(
   xs = [split(pad(h_s_TxD)), split(pad(ids_T, -1)), split(pad(g_ce_T)), split(pad(g_kd_T))]
   if teacher is not None:
     xs.append(split(pad(teacher[0])))
-  K = S.width(teacher is not None)
+  A = S.width(teacher is not None)
   best = [S.S_BEST, S.T_BEST][:1 if teacher is None else 2]
 
   def body(dw_DxV, chunk_xs):
@@ -94,24 +94,24 @@ def losses_and_gradients(
     z_CxV = jnp.dot(h_CxD, w_s, preferred_element_type=dtype)
     u_CxV = jnp.dot(h_t[0], w_t, preferred_element_type=h_t[0].dtype) if h_t else None
     columns_1xV = jax.lax.broadcasted_iota(jnp.int32, (1, V), 1)
-    stats_CxK = S.fold(S.initial((C, K)), z_CxV.astype(jnp.float32),
+    stats_CxA = S.fold(S.initial((C, A)), z_CxV.astype(jnp.float32),
                        None if u_CxV is None else u_CxV.astype(jnp.float32), columns_1xV, ids_C[:, None], tau)
     if vocab_axes:
-      stats_CxK = S.combine(stats_CxK.at[:, best].add(offset), vocab_axes)
+      stats_CxA = S.combine(stats_CxA.at[:, best].add(offset), vocab_axes)
     if not gradients:
-      return dw_DxV, (stats_CxK, None)
-    coef_Cx5 = S.backward_coefficients(stats_CxK, g_ce_C, None if u_CxV is None else g_kd_C, tau)
+      return dw_DxV, (stats_CxA, None)
+    coef_Cx5 = S.backward_coefficients(stats_CxA, g_ce_C, None if u_CxV is None else g_kd_C, tau)
     dz_CxV = _dz(z_CxV, u_CxV, ids_C, coef_Cx5, tau).astype(dtype)
     dh_CxD = jnp.dot(dz_CxV, w_s.T, preferred_element_type=jnp.float32)
     if vocab_axes:
       dh_CxD = jax.lax.psum(dh_CxD, vocab_axes)
     # In dW's own dtype, so that the GPU adds into dW inside the matmul (no [D, V] temporary).
     dw_DxV = dw_DxV + jnp.dot(h_CxD.T, dz_CxV, preferred_element_type=dw_DxV.dtype)
-    return dw_DxV, (stats_CxK, dh_CxD.astype(dtype))
+    return dw_DxV, (stats_CxA, dh_CxD.astype(dtype))
 
   dw0 = jnp.zeros((D, V), w_s_DxV.dtype) if gradients else None
-  dw_DxV, (stats_NxCxK, dh_NxCxD) = jax.lax.scan(body, dw0, xs)
-  stats_TxK = stats_NxCxK.reshape(N * C, K)[:T]
+  dw_DxV, (stats_NxCxA, dh_NxCxD) = jax.lax.scan(body, dw0, xs)
+  stats_TxA = stats_NxCxA.reshape(N * C, A)[:T]
   if not gradients:
-    return stats_TxK, None, None
-  return stats_TxK, dh_NxCxD.reshape(N * C, D)[:T], dw_DxV
+    return stats_TxA, None, None
+  return stats_TxA, dh_NxCxD.reshape(N * C, D)[:T], dw_DxV

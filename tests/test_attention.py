@@ -87,6 +87,7 @@ def model_config(remat='save_matmuls_and_attention'):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl', ['pallas_gpu', 'splash'])
 def test_a_train_step_with_each_kernel_equals_the_xla_one(impl):
   """Same loss and same updated parameters on a (2, 2, 2) mesh, packed rows included."""
@@ -131,6 +132,7 @@ def test_saving_the_attention_keeps_the_flash_residuals():
                     'save_matmuls_and_attention': 3}
 
 
+@pytest.mark.slow
 def test_every_remat_policy_gives_the_same_gradient():
   tokens = jax.random.randint(jax.random.key(0), (2, 128), 0, 320)
   grads = []

@@ -38,6 +38,7 @@ def assert_same_run(workdir, uninterrupted):
   assert differences(workdir, *uninterrupted, STEPS) == []
 
 
+@pytest.mark.slow
 def test_runs_killed_at_random_steps_resume_bitwise_equal(config_file, tmp_path, uninterrupted):
   kills = sorted(random.Random(0).sample(range(2, STEPS - 1), 3))
   for step in kills:
@@ -46,6 +47,7 @@ def test_runs_killed_at_random_steps_resume_bitwise_equal(config_file, tmp_path,
   assert_same_run(tmp_path, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_reached_and_exits_preempted(config_file, tmp_path, uninterrupted):
   assert salt_train(config_file, tmp_path, stop_at=7, sig=signal.SIGTERM) == PREEMPTED_EXIT_CODE
   saved = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
@@ -81,6 +83,7 @@ def saved_on_8_devices(tiny_data, tmp_path_factory):
   return directory, jax.device_get(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh, n_devices', [((2, 2, 2), 8), ((1, 2, 2), 4)])
 def test_a_checkpoint_restores_onto_another_mesh(tiny_data, saved_on_8_devices, mesh, n_devices):
   directory, saved = saved_on_8_devices
@@ -133,6 +136,7 @@ def test_a_truncated_checkpoint_falls_back_only_under_auto(tiny_data, saved_on_8
   assert ckpts.manager.all_steps() == [1]
 
 
+@pytest.mark.slow
 def test_a_run_whose_latest_checkpoint_is_bad_resumes_and_saves_that_step_again(tiny_data, tmp_path):
   """Issue 16, defect 1: with checkpoint 6 gone and checkpoint 4 missing its metadata, the
   same command resumed from 2 and then failed at step 4 on every relaunch (Orbax's
@@ -176,6 +180,7 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tiny_data, saved_on_8
     ckpts.restore(program.abstract_state, 'never')
 
 
+@pytest.mark.slow
 def test_a_loss_that_is_not_finite_stops_the_run_naming_the_step(tiny_data, tmp_path):
   config = tiny_config(tiny_data)
   config.optim.lr = float('inf')  # the first update makes every parameter inf or nan
@@ -186,6 +191,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_naming_the_step(tiny_data, tmp_
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == [1]
 
 
+@pytest.mark.slow
 def test_skip_leaves_the_state_unchanged_on_a_bad_batch(tiny_data):
   config = tiny_config(tiny_data)
   config.nonfinite = 'skip'
@@ -203,6 +209,7 @@ def test_skip_leaves_the_state_unchanged_on_a_bad_batch(tiny_data):
   assert float(metrics['skipped']) == 0.0
 
 
+@pytest.mark.slow
 def test_a_changed_model_on_resume_names_what_differs_and_keeps_the_checkpoints(tiny_data, tmp_path):
   """Issue 16: a model change made every checkpoint 'unreadable' and the advice was to move
   them away, which throws good work out; it must say what differs instead."""
@@ -224,6 +231,7 @@ def test_a_changed_model_on_resume_names_what_differs_and_keeps_the_checkpoints(
   assert not (tmp_path / 'run' / 'checkpoints-unreadable').exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_an_asynchronous_save_is_one_line_and_the_run_resumes(tiny_data, tmp_path):
   """Issue 16: storage that refuses a save surfaced from Orbax's thread as a traceback
   with exit 1, which the launcher retries. A file-size limit makes the disk refuse the

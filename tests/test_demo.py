@@ -10,6 +10,8 @@ import pytest
 from tests.helpers import tiny_config
 from trainer import demo
 
+pytestmark = pytest.mark.slow  # end to end: every test here runs whole jobs
+
 
 def tiny_demo_config(data_dir):
   def get_config(arg):

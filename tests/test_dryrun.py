@@ -30,6 +30,7 @@ def config_file(tmp_path_factory):
   return str(path)
 
 
+@pytest.mark.slow
 def test_salt_dry_run_compiles_both_stages_reports_figures_and_round_trips_a_checkpoint(
     config_file, tmp_path, capsys):
   code = cli.main(['dryrun', '--config', config_file, f'--config.salt.teacher={tmp_path}/slm/checkpoints/9',
@@ -82,6 +83,7 @@ def test_slice_shapes(chips, dims, shape):
   assert dryrun._torus(chips, dims) == shape
 
 
+@pytest.mark.slow
 def test_the_prediction_counts_recomputation_the_teacher_and_every_stage_s_steps(config_file, tmp_path,
                                                                                 monkeypatch, capsys):
   """At a peak of 1 TFLOP/s a device: stage 1 adds the teacher's forward pass (a third of its

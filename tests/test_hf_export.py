@@ -46,6 +46,7 @@ def test_export_then_import_gives_back_the_same_parameters_bit_for_bit(case, sp_
   assert tokenizer_config['add_bos_token'] is False  # salt's documents never begin with BOS
 
 
+@pytest.mark.slow
 def test_a_trained_run_exports_with_its_data_s_tokenizer_and_imports_back(tiny_data, tmp_path):
   config = tiny_config(tiny_data)
   config.total_steps = 6

@@ -214,9 +214,11 @@ def test_ctrl_c_stops_training_and_deletes_the_queued_resource(gcloud, config_fi
   script, calls = gcloud
   script(runs=[{'steps': 2, 'hang': True}])
   out = tmp_path / 'launcher.out'
+  # Ctrl-C's handler set explicitly: a test run started in the background inherits SIGINT ignored.
+  start = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
+           f'sys.argv = {["salt", *tpu_args(config_file)]!r}; runpy.run_module("trainer.cli", run_name="__main__")')
   with open(out, 'w') as stdout:
-    launcher = subprocess.Popen([sys.executable, '-m', 'trainer.cli', *tpu_args(config_file)], stdout=stdout,
-                                stderr=subprocess.STDOUT)
+    launcher = subprocess.Popen([sys.executable, '-c', start], stdout=stdout, stderr=subprocess.STDOUT)
   deadline = time.time() + 120
   while 'step 2/10' not in out.read_text():
     assert launcher.poll() is None and time.time() < deadline, out.read_text()

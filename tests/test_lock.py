@@ -29,6 +29,7 @@ def quick_config(data_dir):
   return config
 
 
+@pytest.mark.slow
 def test_a_directory_held_by_a_live_job_is_refused_and_freed_when_it_is_gone(tiny_data, tmp_path):
   sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
   try:
@@ -43,6 +44,7 @@ def test_a_directory_held_by_a_live_job_is_refused_and_freed_when_it_is_gone(tin
   assert not (tmp_path / 'lock').exists()  # and released at the end
 
 
+@pytest.mark.slow
 def test_another_host_s_lock_is_stale_only_when_nobody_refreshes_it(tiny_data, tmp_path):
   hold(tmp_path, 1, host='some-other-host')
   with pytest.raises(UserError, match='is in use by process 1 on some-other-host'):
@@ -52,6 +54,7 @@ def test_another_host_s_lock_is_stale_only_when_nobody_refreshes_it(tiny_data, t
   train.train(quick_config(tiny_data), tmp_path)
 
 
+@pytest.mark.slow
 def test_a_second_salt_train_on_a_running_job_s_directory_exits_2_and_the_first_finishes(tiny_data, tmp_path):
   config = write_config(tmp_path / 'config.py', tiny_data, 12, every_steps=4)
   workdir = tmp_path / 'run'

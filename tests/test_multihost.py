@@ -14,6 +14,8 @@ from tests.runs import logged, write_config
 from trainer import checkpoint, cli, data, train
 from trainer import config as config_lib
 
+pytestmark = pytest.mark.slow  # end to end: every test here runs whole jobs
+
 STEPS = 6
 LOSS_RTOL = 1e-5
 ATOL = 1e-5

@@ -54,6 +54,7 @@ def test_an_unknown_preset_lists_the_presets():
     paper.get_config('llm_kd')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('preset', PRESETS)
 def test_every_preset_compiles_and_runs_in_a_dry_run_at_a_reduced_size(preset, tmp_path, capsys):
   teacher = tmp_path / 'teacher.py'

@@ -51,6 +51,7 @@ def salt_config(data_dir, teacher, **salt_options):
   return config
 
 
+@pytest.mark.slow
 def test_stage_one_distills_and_stage_two_trains_alone(tiny_data, teacher_path, tmp_path):
   train.train(salt_config(tiny_data, teacher_path, tau=2.0, teacher_top_k=5), tmp_path)
   records = logged(tmp_path)
@@ -88,6 +89,7 @@ def test_the_stage_two_program_has_no_teacher_and_the_teacher_is_freed(tiny_data
   assert all(x.is_deleted() for x in jax.tree.leaves(teacher.params))
 
 
+@pytest.mark.slow
 def test_a_resume_after_n_kd_never_reads_the_teacher(tiny_data, teacher_path, tmp_path):
   moved = tmp_path / 'teacher-copy'
   shutil.copytree(teacher_path, moved)
@@ -162,6 +164,7 @@ def test_scores_equal_a_numpy_computation(tiny_data, teacher_path, tmp_path):
   assert sample['sampled'] == len(sampled[::3]) and sample['unscored'] == int(np.isnan(want[::3]).sum())
 
 
+@pytest.mark.slow
 def test_stage_one_reads_the_selected_records(tiny_data, teacher_path, tmp_path, caplog):
   n = data.read_manifest(tiny_data)['splits']['train']['records']
   fake_scores = np.arange(n, dtype=np.float32)
@@ -186,6 +189,7 @@ def test_stage_one_reads_the_selected_records(tiny_data, teacher_path, tmp_path,
           'read 3.00 times') in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl', ['pallas', 'token_chunks'])
 def test_train_steps_with_each_loss_kernel_equal_those_with_the_reference(tiny_data, teacher_path, impl):
   """Both stages on a (2, 2, 2) mesh, the vocabulary split over `tensor`: loss, metrics, parameters."""
@@ -247,6 +251,7 @@ def test_a_partial_score_file_is_continued_only_with_the_settings_that_made_it(t
   assert fresh['scored'] == restarted['scored']
 
 
+@pytest.mark.slow
 def test_micro_batches_give_the_update_of_the_whole_batch_in_both_stages(tiny_data, teacher_path):
   """Issue 18, 5: two steps (stage 1 with the teacher, then stage 2) with 4 micro-batches
   equal two steps of the whole batch at once: fp32, loss and metrics to 1e-5 relative,

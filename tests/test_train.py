@@ -12,6 +12,7 @@ from trainer.prepare import prepare
 from trainer.train import train
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_run_directory_holds_metrics_and_events(tiny_data, tmp_path):
   config = tiny_config(tiny_data)
   config.mesh.update(data=2, fsdp=2, tensor=2)
@@ -58,6 +59,7 @@ def short_run(data_dir, steps):
   return config
 
 
+@pytest.mark.slow
 def test_a_resume_that_would_read_other_batches_is_refused_unless_allowed_and_then_recorded(tiny_data, tmp_path):
   """Issue 16, defect 4: a changed shuffle seed (or batch size, sequence length) only
   warned, and config.json was overwritten without a trace."""

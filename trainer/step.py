@@ -3,6 +3,9 @@
 The state is a pytree of arrays; the steps are pure functions of (state, batch). The
 model's structure (an NNX GraphDef) is static and closed over, so `jax.jit` sees only
 arrays with explicit shardings: the same program on one CPU, a GPU host or a pod.
+
+Shapes in names: B batch, L sequence, T = B * L tokens, D model width, G the teacher's
+width, V vocabulary.
 """
 
 import dataclasses
@@ -23,7 +26,7 @@ from trainer import sharding
 from trainer.model import ModelConfig, Transformer
 
 Batch = dict[str, jax.Array]
-# (h [T, D], unembedding [D, V], targets [T], teacher (h_t, unembedding_t) | None, g_ce [T], g_kd [T] | None,
+# (h_TxD, w_DxV, targets_T, teacher (h_t_TxG, w_t_GxV) | None, g_ce_T, g_kd_T | None,
 #  tau=, teacher_top_k=) -> (sum_t g_ce CE + g_kd KD, TokenLosses): kernels.weighted_loss with the
 # config's implementation and mesh bound.
 LossFn = Callable[..., tuple[jax.Array, TokenLosses]]
@@ -111,20 +114,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
   def loss_fn(params, batch, teacher_params, w, tokens):
     """The batch part's share of the loss, and of each metric: all sum over the parts."""
-    h, unembedding = _hidden(graphdef, params, batch, attention)
-    targets, weights = batch['targets'].reshape(-1), batch['weights'].reshape(-1)
+    h_TxD, w_DxV = _hidden(graphdef, params, batch, attention)
+    targets_T, weights_T = batch['targets'].reshape(-1), batch['weights'].reshape(-1)
     # Each token's share of the mean: the loss kernels take it as a constant.
-    share = weights / tokens
+    share_T = weights_T / tokens
     if distillation is None:
-      ce, _ = losses(h, unembedding, targets, None, share)
+      ce, _ = losses(h_TxD, w_DxV, targets_T, None, share_T)
       return ce, {'ce': ce}
-    h_t, unembedding_t = _hidden(distillation.teacher_graphdef, teacher_params, batch,
+    h_t_TxG, w_t_GxV = _hidden(distillation.teacher_graphdef, teacher_params, batch,
                                  distillation.teacher_attention)
     kd_scale = distillation.tau ** 2 if distillation.tau_squared else 1.0
-    loss, terms = losses(h, unembedding, targets, (h_t, unembedding_t), (1 - w) * share, w * kd_scale * share,
+    loss, terms = losses(h_TxD, w_DxV, targets_T, (h_t_TxG, w_t_GxV), (1 - w) * share_T, w * kd_scale * share_T,
                          tau=distillation.tau, teacher_top_k=distillation.teacher_top_k)
-    return loss, {'ce': (terms.ce * share).sum(), 'kd': (terms.kd * share).sum(),
-                  'teacher_ce': (terms.teacher_ce * share).sum(), 'top1_agreement': (terms.agree * share).sum()}
+    return loss, {'ce': (terms.ce * share_T).sum(), 'kd': (terms.kd * share_T).sum(),
+                  'teacher_ce': (terms.teacher_ce * share_T).sum(), 'top1_agreement': (terms.agree * share_T).sum()}
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -167,8 +170,8 @@ def make_eval_step(graphdef: nnx.GraphDef, losses: LossFn, attention: Attention,
 
   def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
     weights = batch['weights']
-    h, unembedding = _hidden(graphdef, params, batch, attention)
-    loss_sum, _ = losses(h, unembedding, batch['targets'].reshape(-1), None, weights.reshape(-1))
+    h_TxD, w_DxV = _hidden(graphdef, params, batch, attention)
+    loss_sum, _ = losses(h_TxD, w_DxV, batch['targets'].reshape(-1), None, weights.reshape(-1))
     return {
         'loss_sum': loss_sum,
         'tokens': weights.sum(),
