@@ -189,26 +189,32 @@ def test_stage_one_reads_the_selected_records(tiny_data, teacher_path, tmp_path,
           'read 3.00 times') in caplog.text
 
 
+def both_stages(config, data_dir, teacher_path, rows: int) -> tuple:
+  """A stage-1 step with the teacher, then a stage-2 step, on the first `rows` rows: the
+  two steps' metrics and the parameters after, and the loops in stage 2's program."""
+  stream = data.TokenStream(data_dir, 'train', config.data.seq_len)
+  batch = {k: np.stack([data.to_model_inputs(stream.row(r))[k] for r in range(rows)]) for k in step.BATCH_KEYS}
+  mesh = sharding.make_mesh(mesh_shape(config.mesh, jax.device_count()))
+  program = train.build(config, mesh, np.ones(config.model.vocab_size, np.int32))
+  teacher = salt.load_teacher(teacher_path, mesh, sharding.parse_rules(config.sharding),
+                              data.read_manifest(data_dir)['tokenizer_sha256'])
+  global_batch = sharding.host_batch_to_global(batch, program.batch_sharding)
+  state, stage1 = program.distillation_step(teacher)(program.init(0), global_batch, teacher.params)
+  loops = program.train_step.lower(state, global_batch).as_text().count('stablehlo.while')
+  state, stage2 = program.train_step(state, global_batch)
+  return jax.device_get((stage1, stage2, state.params)), loops
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('impl', ['pallas', 'token_chunks'])
 def test_train_steps_with_each_loss_kernel_equal_those_with_the_reference(tiny_data, teacher_path, impl):
   """Both stages on a (2, 2, 2) mesh, the vocabulary split over `tensor`: loss, metrics, parameters."""
-  manifest = data.read_manifest(tiny_data)
-  stream = data.TokenStream(tiny_data, 'train', 32)
-  batch = {k: np.stack([data.to_model_inputs(stream.row(r))[k] for r in range(8)]) for k in step.BATCH_KEYS}
   results = {}
   for name in ('xla', impl):
     config = salt_config(tiny_data, teacher_path, tau=2.0)
     config.mesh.update(data=2, fsdp=2, tensor=2)
     config.loss.update(impl=name, block_tokens=16, block_vocab=128, chunk_tokens=16)
-    mesh = sharding.make_mesh(mesh_shape(config.mesh, jax.device_count()))
-    program = train.build(config, mesh, np.ones(320, np.int32))
-    teacher = salt.load_teacher(teacher_path, mesh, sharding.parse_rules(config.sharding),
-                                manifest['tokenizer_sha256'])
-    global_batch = sharding.host_batch_to_global(batch, program.batch_sharding)
-    state, stage1 = program.distillation_step(teacher)(program.init(0), global_batch, teacher.params)
-    state, stage2 = program.train_step(state, global_batch)
-    results[name] = jax.device_get((stage1, stage2, state.params))
+    results[name] = both_stages(config, tiny_data, teacher_path, rows=8)[0]
   for got, want in zip(jax.tree.leaves(results[impl]), jax.tree.leaves(results['xla'])):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
@@ -256,22 +262,11 @@ def test_micro_batches_give_the_update_of_the_whole_batch_in_both_stages(tiny_da
   """Issue 18, 5: two steps (stage 1 with the teacher, then stage 2) with 4 micro-batches
   equal two steps of the whole batch at once: fp32, loss and metrics to 1e-5 relative,
   parameters to 1e-5 relative (sums in another order)."""
-  manifest = data.read_manifest(tiny_data)
-  stream = data.TokenStream(tiny_data, 'train', 32)
-  batch = {k: np.stack([data.to_model_inputs(stream.row(r))[k] for r in range(32)]) for k in step.BATCH_KEYS}
   results, loops = {}, {}
   for micro_batches in (1, 4):
     config = salt_config(tiny_data, teacher_path, tau=2.0)
     config.data.update(global_batch_size=32, micro_batches=micro_batches)
-    mesh = sharding.make_mesh(mesh_shape(config.mesh, jax.device_count()))
-    program = train.build(config, mesh, np.ones(320, np.int32))
-    teacher = salt.load_teacher(teacher_path, mesh, sharding.parse_rules(config.sharding),
-                                manifest['tokenizer_sha256'])
-    global_batch = sharding.host_batch_to_global(batch, program.batch_sharding)
-    state, stage1 = program.distillation_step(teacher)(program.init(0), global_batch, teacher.params)
-    loops[micro_batches] = program.train_step.lower(state, global_batch).as_text().count('stablehlo.while')
-    state, stage2 = program.train_step(state, global_batch)
-    results[micro_batches] = jax.device_get((stage1, stage2, state.params))
+    results[micro_batches], loops[micro_batches] = both_stages(config, tiny_data, teacher_path, rows=32)
   assert loops[4] == loops[1] + 1  # the parts are a loop: one part's activations live at a time
   assert results[1][0].keys() == results[4][0].keys() >= {'loss', 'ce', 'kd', 'grad_norm', 'top1_agreement'}
   for got, want in zip(jax.tree.leaves(results[4]), jax.tree.leaves(results[1])):
