@@ -162,7 +162,6 @@ class Pod:
 @dataclasses.dataclass(frozen=True)
 class Job:
   """What runs on the workers."""
-  name: str
   build: list[str] | None  # builds the wheel here; None with --package
   files: list[str]  # copied to every worker's home
   install: str
@@ -183,7 +182,7 @@ def _main(args, overrides) -> int:
   pod_options = dict(internal_ip=args.internal_ips, iap=args.tunnel_through_iap)
   if args.logs:
     pod = Pod(args.name, args.project, args.zone, args.slices, **pod_options)
-    job = Job(args.name, None, [], '', f'salt-{args.name}.sh', 0)
+    job = Job(build=None, files=[], install='', script=f'salt-{args.name}.sh', devices=0)
     if args.print:
       print('\n'.join(shlex.join(pod.ssh(node, job.worker('follow 100'))) for node in pod.nodes()))
       return 0
@@ -284,7 +283,7 @@ def make_job(config_spec: str, overrides: list[str], workdir: str, package: str 
       f'uv pip install --python $HOME/{VENV}/bin/python --reinstall-package {DISTRIBUTION} "{requirement}" gcsfs '
       'google-cloud-storage',
       *([setup] if setup else [])])
-  return Job(name=name, build=build, files=files, install=install, script=script, devices=devices)
+  return Job(build=build, files=files, install=install, script=script, devices=devices)
 
 
 def _wheel_build(out: Path) -> tuple[list[str], Path]:
