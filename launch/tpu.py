@@ -461,6 +461,7 @@ def launch(pod: Pod, job: Job, *, retries: int, backoff: float, poll: float, kee
         code = 0 if installed else set_up(pod, job)
         installed = code == 0
         why = unhealthy(pod, job) if installed else 'the set-up failed'
+        code = code or (1 if why else 0)  # giving up on an unhealthy slice is a failure too
         if not why:
           code = run_everywhere(pod, job.worker('start'))
           if code == 0 and detach:

@@ -194,6 +194,16 @@ def test_a_lost_slice_is_created_again_and_the_count_of_relaunches_restarts_afte
   assert made.count('create') == 4 and made.count('install') == 4 and made[-1] == 'delete'
 
 
+def test_a_slice_that_fails_its_pre_flight_is_replaced_and_giving_up_is_a_failure(gcloud, config_file, capsys):
+  script, calls = gcloud
+  script(preflight_exit=3)
+  assert launch_tpu(config_file, '--retries', '1') == 1
+  made = steps(calls())
+  assert made.count('devices') == 2 and made.count('start') == 0 and made.count('create') == 2
+  assert 'a worker does not see the 8 devices of the pod (see above); deleting the slice to get another' in (
+      capsys.readouterr().err)
+
+
 def test_relaunches_without_progress_stop_at_the_retry_limit(gcloud, config_file):
   script, calls = gcloud
   script(runs=[{'steps': 2, 'exit': 75}, {'steps': 2, 'exit': 75}, {'steps': 2, 'exit': 75}])
