@@ -149,6 +149,18 @@ _STORAGE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.E
 _STORAGE_ERRORS = re.compile(r"os_error_code='(\d+)'")
 
 
+def read_meta(path: epath.PathLike, named: str) -> dict:
+  """The `meta` item (config, versions) of the checkpoint at `path`, without its arrays.
+  `named`: how the user gave the path, for the one-line error when it is no checkpoint."""
+  meta = absolute(path) / 'meta'
+  if not meta.is_dir():
+    raise UserError(f'{named} is not a salt checkpoint (RUN/checkpoints/STEP)')
+  try:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta)
+  except Exception as e:  # Orbax raises several types for unreadable files
+    raise UserError(f'{named}: cannot read its metadata ({type(e).__name__})') from None
+
+
 # The model settings that decide the shapes of the parameters.
 SHAPE_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'tie_embeddings')
 

@@ -31,20 +31,13 @@ from trainer.prepare import TOKENIZER, file_sha256, read_manifest
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 
 
-def _meta(path: Path) -> dict:
-  if not path.name.isdigit() or not (path / 'meta').is_dir() or not (path / 'state').is_dir():
-    raise UserError(f'{path} is not a salt checkpoint (RUN/checkpoints/STEP)')
-  try:
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(checkpoint.absolute(path / 'meta'))
-  except Exception as e:  # Orbax raises several types for unreadable files
-    raise UserError(f'{path}: cannot read its metadata ({type(e).__name__})') from None
-
-
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
   """The checkpoint's resolved config, and its parameters (only) on the host as NumPy
   arrays, by salt name."""
   path = Path(path)
-  config = _meta(path)['config']
+  if not path.name.isdigit() or not (path / 'state').is_dir():
+    raise UserError(f'{path} is not a salt checkpoint (RUN/checkpoints/STEP)')
+  config = checkpoint.read_meta(path, named=str(path))['config']
   _, target = step.abstract_model(ModelConfig(**config['model']))
   restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), target)
   try:

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from trainer import data, sharding, step
-from trainer.checkpoint import absolute
+from trainer.checkpoint import absolute, read_meta
 from trainer.errors import UserError
 from trainer.model import ModelConfig, param_count
 
@@ -61,14 +61,8 @@ def teacher_model_config(model: dict) -> ModelConfig:
 
 
 def teacher_metadata(path: str) -> dict:
-  """The `meta` item of a checkpoint: config and versions. Raises UserError if unreadable."""
-  checkpoint = absolute(path)
-  if not (checkpoint / 'meta').is_dir():
-    raise UserError(f'salt.teacher={path!r} is not a salt checkpoint (RUN/checkpoints/STEP with a meta item)')
-  try:
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(checkpoint / 'meta')
-  except Exception as e:  # Orbax raises several types for unreadable files
-    raise UserError(f'salt.teacher={path!r}: cannot read its metadata ({type(e).__name__})') from None
+  """The teacher checkpoint's `meta` item: config and versions. Raises UserError if unreadable."""
+  return read_meta(path, named=f'salt.teacher={path!r}')
 
 
 def abstract_teacher(cfg: ModelConfig, mesh: Mesh, rules: sharding.Rules) -> Teacher:

@@ -267,9 +267,9 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: st
   validate(config, jax.device_count())
   workdir = epath.Path(workdir)
   with RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-    run = open_run(config, workdir, resume, allow_data_change)
+    run, state = open_run(config, workdir, resume, allow_data_change)
     try:
-      last = train_loop(run, salt.Stages(run.program, config, run.data, int(run.state.step), run.mesh))
+      last = train_loop(run, state, salt.Stages(run.program, config, run.data, run.first_step, run.mesh))
     finally:
       run.checkpoints.close()
   if 'eval_loss' in last:
@@ -280,12 +280,11 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike, resume: st
   return last
 
 
-def train_loop(run: 'Run', stages: salt.Stages) -> dict[str, float]:
+def train_loop(run: 'Run', state: step.TrainState, stages: salt.Stages) -> dict[str, float]:
   """Steps from the restored one to the last, with the periodic chores: metrics are
   fetched, checked and logged every log.every_steps (and evaluated every
   eval.every_steps), checkpoints saved every checkpoint.every_steps and at a stop."""
-  config, state = run.config, run.state
-  first_step = int(state.step)
+  config, first_step = run.config, run.first_step
   writer = metrics.MetricWriter(run.workdir, enabled=jax.process_index() == 0)
   throughput = metrics.Throughput(run.flops_per_token, config.data.global_batch_size * config.data.seq_len,
                                   jax.devices(), run.train_seconds)
@@ -309,7 +308,7 @@ def train_loop(run: 'Run', stages: salt.Stages) -> dict[str, float]:
       if saving:
         _checkpoint(run, state, done, throughput.elapsed())
       if logging_now:
-        last = _log(run, state, pending, done, throughput, stages.n_kd)
+        last = _log(run, state, pending, done, throughput)
         writer.write(done, last)
         bar.set_postfix_str(metrics.describe(last), refresh=False)
       pending = []
@@ -341,11 +340,11 @@ def _checkpoint(run: 'Run', state: step.TrainState, done: int, train_seconds: fl
   run.checkpoints.save(done, state, meta)
 
 
-def _log(run: 'Run', state: step.TrainState, fetched: list[dict], done: int, throughput: metrics.Throughput,
-         n_kd: int) -> dict[str, float]:
+def _log(run: 'Run', state: step.TrainState, fetched: list[dict], done: int,
+         throughput: metrics.Throughput) -> dict[str, float]:
   """The logged record of step `done`: the mean metrics since the last, throughput, evaluation."""
   config = run.config
-  record = {**mean_metrics(fetched), 'stage': 1 if done <= n_kd else 2, **throughput(done)}
+  record = {**mean_metrics(fetched), 'stage': 1 if done <= config.salt.n_kd else 2, **throughput(done)}
   if run.data.eval and (done % config.eval.every_steps == 0 or done == config.total_steps):
     record.update(evaluate(run.program, state.params, run.data.eval, config))
     throughput.restart(done)
@@ -379,14 +378,14 @@ def open_data(config: ml_collections.ConfigDict) -> RunData:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """An opened run: what the loop needs, its state restored or fresh."""
+  """An opened run: what the loop needs besides the train state (which each step donates)."""
   config: ml_collections.ConfigDict
   workdir: epath.Path
   mesh: Mesh
   program: 'Program'
   data: RunData
   checkpoints: checkpoint.Checkpoints
-  state: step.TrainState
+  first_step: int  # the restored state's step (0: fresh)
   train_seconds: float  # training time before this start (evaluation excluded)
   resolved: dict  # the config as run: the data directory and tokenizer filled in
   fingerprint: dict  # what the batches depend on besides the step
@@ -394,8 +393,9 @@ class Run:
   flops_per_token: float
 
 
-def open_run(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str, allow_data_change: bool) -> Run:
-  """Mesh, data, program and state (restored per `resume`, or fresh); writes config.json."""
+def open_run(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str,
+             allow_data_change: bool) -> tuple[Run, step.TrainState]:
+  """Mesh, data, program, and the state (restored per `resume`, or fresh); writes config.json."""
   if config.salt.n_kd and config.salt.weight and not config.salt.teacher:
     raise UserError(f'salt.n_kd={config.salt.n_kd} distills with salt.weight={config.salt.weight} but salt.teacher '
                     'is not set: give the small model\'s checkpoint (--config.salt.teacher=RUN/checkpoints/STEP), '
@@ -423,12 +423,12 @@ def open_run(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str
   else:
     state, train_seconds, data_changes = program.init(config.seed), 0.0, []
   run = Run(config=config, workdir=workdir, mesh=mesh, program=program, data=run_data, checkpoints=checkpoints,
-            state=state, train_seconds=train_seconds, resolved=resolved, fingerprint=fingerprint,
+            first_step=int(state.step), train_seconds=train_seconds, resolved=resolved, fingerprint=fingerprint,
             versions=versions(), flops_per_token=flops_per_token(ModelConfig(**config.model), config.data.seq_len))
   if jax.process_index() == 0:
     write_run_config(run, data_changes)
   describe(run)
-  return run
+  return run, state
 
 
 def write_run_config(run: Run, data_changes: list[str]) -> None:
@@ -441,7 +441,7 @@ def write_run_config(run: Run, data_changes: list[str]) -> None:
   written = run.workdir / 'config.json'
   history = json.loads(written.read_text()).get('data_changes', []) if written.exists() else []
   if data_changes:
-    history.append({'step': int(run.state.step), 'changes': data_changes})
+    history.append({'step': run.first_step, 'changes': data_changes})
   written.write_text(json.dumps({'config': run.resolved, 'selection': kept, 'versions': run.versions,
                                  'data_changes': history}, indent=2))
 
