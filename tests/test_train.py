@@ -8,6 +8,7 @@ import pytest
 from tests.helpers import tiny_config, write_corpus
 from trainer import cli, progress
 from trainer.errors import UserError
+from trainer.metrics import MetricWriter
 from trainer.prepare import prepare
 from trainer.train import train
 
@@ -112,3 +113,16 @@ def test_progress_where_output_is_not_a_terminal_is_plain_lines(capsys, monkeypa
   assert re.fullmatch(r'step 2/3 \(67%\), 0:00:00 elapsed, 0:00:00 left', lines[0])
   assert lines[1] == 'step 3/3 (100%), 0:00:00 elapsed, 0:00:00 left: loss 3.214, 5,904 tok/s, MFU n/a'
   assert len(lines) == 2 and '\r' not in capsys.readouterr().err
+
+
+def test_metrics_jsonl_stays_standard_json_when_a_value_is_not_finite(tmp_path):
+  """Issue 23, 5: a NaN was written as a bare NaN, which strict JSON readers refuse."""
+  writer = MetricWriter(tmp_path, enabled=True)
+  writer.write(3, {'loss': float('nan'), 'lr': float('inf'), 'grad_norm': 1.5})
+  writer.close()
+
+  def refuse(constant):
+    raise ValueError(f'{constant} is not JSON')
+
+  line = json.loads((tmp_path / 'metrics.jsonl').read_text(), parse_constant=refuse)
+  assert line == {'step': 3, 'loss': None, 'lr': None, 'grad_norm': 1.5}

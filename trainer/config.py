@@ -256,6 +256,19 @@ def mesh_shape(mesh: Mapping[str, int], device_count: int) -> dict[str, int]:
   return sizes
 
 
+def _check_optimizer(o: ml_collections.ConfigDict) -> None:
+  """Values that train without an error but learn nothing, or unlearn, are refused."""
+  for key in ('lr', 'min_lr_ratio', 'b1', 'b2', 'eps', 'weight_decay', 'clip_norm'):
+    _require(math.isfinite(o[key]), f'optim.{key}={o[key]} must be a finite number')
+  _require(o.lr > 0, f'optim.lr={o.lr} must be positive')
+  _require(0 <= o.min_lr_ratio <= 1, f'optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]')
+  for key in ('b1', 'b2'):
+    _require(0 <= o[key] < 1, f'optim.{key}={o[key]} must be in [0, 1)')
+  _require(o.eps > 0, f'optim.eps={o.eps} must be positive')
+  _require(o.weight_decay >= 0, f'optim.weight_decay={o.weight_decay} must be >= 0')
+  _require(o.clip_norm > 0, f'optim.clip_norm={o.clip_norm} must be positive (a zero norm scales every update to 0)')
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   """Checks what can be checked before building anything; raises UserError."""
   m, d, o = config.model, config.data, config.optim
@@ -266,6 +279,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   for key in ('log.every_steps', 'eval.every_steps', 'eval.batches'):
     group, name = key.split('.')
     _require(config[group][name] > 0, f'{key}={config[group][name]} must be positive')
+  _check_optimizer(o)
   _require(0 <= o.warmup_steps < config.total_steps,
            f'optim.warmup_steps={o.warmup_steps} must be in [0, total_steps={config.total_steps})')
   _require(config.nonfinite in ('stop', 'skip'), f"nonfinite={config.nonfinite!r} must be 'stop' or 'skip'")

@@ -36,7 +36,8 @@ class MetricWriter:
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    line = json.dumps({'step': step, **metrics})
+    # Standard JSON has no NaN or infinity: a non-finite value is written as null.
+    line = json.dumps({'step': step, **{k: v if math.isfinite(v) else None for k, v in metrics.items()}})
     if self.remote:
       self.lines.append(line)
       self.path.write_text('\n'.join(self.lines) + '\n')
