@@ -14,7 +14,9 @@ In order, each a command it prints first (--print prints them all and runs none)
 3. `queued-resources describe` every --poll seconds until it is ACTIVE;
 4. `tpu-vm scp` of the wheel, the config file and the worker script (launch/worker.py)
    to the home of every worker, then `tpu-vm ssh --worker=all`: uv makes a Python 3.12
-   venv ~/salt-venv and installs salt with jax[tpu] and gcsfs; then --setup, if given;
+   venv ~/salt-venv and installs salt with jax[tpu] and gcsfs; then --setup, if given.
+   The script and the wheel are staged in a fresh private temporary directory, removed
+   at the end (--print keeps it: its commands copy from it);
 5. the pre-flight check: every node READY and not unhealthy (`tpu-vm describe`), and
    every worker of every slice sees the pod's devices (`jax.device_count()`);
 6. on every slice at once, the worker script's `start` (training in its own session, so
@@ -30,7 +32,9 @@ script first stops what still runs, letting it save). A failed set-up is tried a
 at the next relaunch. Exit code 2 is bad input: stop. Relaunch n waits
 --backoff x 2^(n-1) seconds (an hour at most), at most --retries in a row: the count
 starts again once a relaunch trains past the furthest step seen before. Training
-resumes from the latest checkpoint (salt train's --resume=auto).
+resumes from the latest checkpoint (salt train's --resume=auto). A describe (of the
+queued resource or of a node) that fails or prints no JSON is asked again, five times
+in all, then stops the launcher (exit 2).
 """
 
 import dataclasses
@@ -62,6 +66,9 @@ DESCRIBE_TRIES = 5
 # maintenance); it can be created again. FAILED cannot: its request was refused.
 LOST = ('SUSPENDING', 'SUSPENDED')
 VENV = 'salt-venv'
+# Cloud TPU names nodes as Compute Engine names instances (RFC 1035). The name also goes
+# into file names and commands on the workers, so nothing else is let through.
+NAME = re.compile(r'[a-z]([-a-z0-9]{0,61}[a-z0-9])?')
 STEP = re.compile(r'\bstep (\d+)/\d+')
 # `queued-resources create` options passed through as they are: flags, then valued.
 CREATE_FLAGS = ('internal_ips', 'reserved')
@@ -169,7 +176,7 @@ class Job:
   devices: int  # jax.device_count() every worker must see; 0: unknown
 
   def worker(self, verb: str) -> str:
-    return f'bash ~/{self.script} {verb}'
+    return f'bash ~/{shlex.quote(self.script)} {verb}'
 
   def preflight(self) -> str:
     check = ('import sys, jax; from trainer import distributed; distributed.initialize(); n = jax.device_count(); '
@@ -179,6 +186,9 @@ class Job:
 
 
 def _main(args, overrides) -> int:
+  if args.slices < 1 or args.retries < 0:
+    raise UserError('--slices must be at least 1 and --retries at least 0')
+  check_name(args.name, args.slices)
   pod_options = dict(internal_ip=args.internal_ips, iap=args.tunnel_through_iap)
   if args.logs:
     pod = Pod(args.name, args.project, args.zone, args.slices, **pod_options)
@@ -200,8 +210,6 @@ def _main(args, overrides) -> int:
   if not runtime:
     raise UserError(f'no default --runtime-version for {args.accelerator_type} (known: '
                     f'{", ".join(hardware.TPU_GENERATIONS)}); give one')
-  if args.slices < 1 or args.retries < 0:
-    raise UserError('--slices must be at least 1 and --retries at least 0')
   if not args.workdir and not (args.bucket or '').startswith('gs://'):
     raise UserError('give --bucket gs://BUCKET (the run writes to gs://BUCKET/NAME) or --workdir')
   env = dict(key_value(e) for e in args.env)
@@ -211,12 +219,20 @@ def _main(args, overrides) -> int:
   create_options += [f'--{o.replace("_", "-")}={getattr(args, o)}' for o in CREATE_VALUES if getattr(args, o)]
   pod = Pod(args.name, args.project, args.zone, args.slices, args.accelerator_type, runtime,
             tuple(create_options + (['--spot'] if args.spot else [])), **pod_options)
-  job = make_job(args.config, overrides, workdir, args.package, args.setup, args.name, env, devices)
-  if args.print:
-    print_plan(pod, job, args.poll)
-    return 0
-  return launch(pod, job, retries=args.retries, backoff=args.backoff, poll=args.poll,
-                keep=args.keep or args.detach, detach=args.detach)
+  # Fresh and private (0700): a directory of a known name could be planted, or its files swapped.
+  staging = Path(tempfile.mkdtemp(prefix=f'salt-launch-{args.name}-'))
+  kept = False
+  try:
+    job = make_job(args.config, overrides, workdir, args.package, args.setup, args.name, env, devices, staging)
+    if args.print:
+      print_plan(pod, job, args.poll, staging)
+      kept = True  # the printed commands copy the files staged there
+      return 0
+    return launch(pod, job, retries=args.retries, backoff=args.backoff, poll=args.poll,
+                  keep=args.keep or args.detach, detach=args.detach)
+  finally:
+    if not kept:
+      shutil.rmtree(staging)
 
 
 def check_accelerator_type(accelerator_type: str) -> str:
@@ -226,6 +242,15 @@ def check_accelerator_type(accelerator_type: str) -> str:
     name = hardware.GCLOUD_NAMES[generation]
     raise UserError(f'gcloud calls {generation} "{name}": use {name}-{size}')
   return generation
+
+
+def check_name(name: str, slices: int) -> None:
+  """Refuses a name Cloud TPU would refuse, for the queued resource or any of its nodes."""
+  longest = name if slices == 1 else f'{name}-{slices - 1}'
+  if not NAME.fullmatch(name) or not NAME.fullmatch(longest):
+    raise UserError(f'--name {name!r}: Cloud TPU takes lowercase letters, digits and hyphens, starting with a '
+                    f'letter, not ending with a hyphen, at most 63 characters'
+                    + (f' with the slice suffix (as in {longest})' if slices > 1 else ''))
 
 
 def key_value(text: str) -> tuple[str, str]:
@@ -258,29 +283,28 @@ def slice_overrides(config_spec: str, overrides: list[str], accelerator_type: st
 
 
 def make_job(config_spec: str, overrides: list[str], workdir: str, package: str | None, setup: str | None,
-             name: str, env: dict[str, str], devices: int) -> Job:
+             name: str, env: dict[str, str], devices: int, staging: Path) -> Job:
+  """The job; the files the workers get are written into `staging`."""
   config_file, colon, arg = config_spec.partition(':')
   if not Path(config_file).is_file():
     raise UserError(f'config file {config_file!r} does not exist')
-  staging = Path(tempfile.gettempdir()) / f'salt-launch-{name}'
-  staging.mkdir(exist_ok=True)
   script = f'salt-{name}.sh'
   train = [f'{VENV}/bin/salt', 'train', '--config', f'{Path(config_file).name}{colon}{arg}', '--workdir', workdir,
            *overrides]
   (staging / script).write_text(worker.script(name, train, {distributed.MODE: 'auto', **env}))
   files, build = [config_file, str(staging / script)], None
   if package:
-    requirement = package
+    requirement = shlex.quote(package)
   else:
     build, wheel = _wheel_build(staging / 'wheel')
     files.append(str(wheel))
-    requirement = f'$HOME/{wheel.name}[tpu]'
+    requirement = '"$HOME"/' + shlex.quote(f'{wheel.name}[tpu]')
   # TPU VM images come with an older Python; uv brings 3.12 and installs quickly.
   install = ' && '.join([
       'set -e', 'export PATH=$HOME/.local/bin:$PATH',
       '(command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh)',
       f'uv venv --allow-existing --python 3.12 $HOME/{VENV}',
-      f'uv pip install --python $HOME/{VENV}/bin/python --reinstall-package {DISTRIBUTION} "{requirement}" gcsfs '
+      f'uv pip install --python $HOME/{VENV}/bin/python --reinstall-package {DISTRIBUTION} {requirement} gcsfs '
       'google-cloud-storage',
       *([setup] if setup else [])])
   return Job(build=build, files=files, install=install, script=script, devices=devices)
@@ -300,8 +324,8 @@ def _wheel_build(out: Path) -> tuple[list[str], Path]:
   raise UserError('building a wheel needs uv or pip, and this environment has neither; install uv, or give --package')
 
 
-def print_plan(pod: Pod, job: Job, poll: float) -> None:
-  lines = []
+def print_plan(pod: Pod, job: Job, poll: float, staging: Path) -> None:
+  lines = [f'# the files the workers get are staged in {staging}; delete it when done']
   if job.build:
     lines += ['# build the wheel the workers install', shlex.join(job.build)]
   lines += ['# create the queued resource', shlex.join(pod.create()),
@@ -346,21 +370,38 @@ class State:
   reason: str = ''  # why it FAILED
 
 
-def state(pod: Pod, poll: float) -> State:
-  """The queued resource's state. Only NOT_FOUND means there is none: any other error
-  (an expired login, the network, a server error) is asked again, then raised."""
+def _json_object(text: str) -> dict | None:
+  try:
+    parsed = json.loads(text)
+  except json.JSONDecodeError:
+    return None
+  return parsed if isinstance(parsed, dict) else None
+
+
+def read_description(command: list[str], what: str, poll: float) -> dict | None:
+  """What a gcloud describe command prints; None where it says NOT_FOUND. Any other error (an
+  expired login, the network, a server error, output that is not JSON) is asked again, then raised."""
   for attempt in range(DESCRIBE_TRIES):
-    done = subprocess.run(pod.describe(), capture_output=True, text=True)
-    if done.returncode == 0:
-      described = json.loads(done.stdout).get('state', {})
-      error = described.get('failedData', {}).get('error', {})
-      return State(described.get('state'), error.get('message', ''))
-    if 'NOT_FOUND' in done.stderr:
-      return State(None)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode == 0 and (described := _json_object(done.stdout)) is not None:
+      return described
+    if done.returncode and 'NOT_FOUND' in done.stderr:
+      return None
     if attempt < DESCRIBE_TRIES - 1:
       time.sleep(poll)
-  last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f'exit code {done.returncode}'
-  raise UserError(f'gcloud cannot describe the queued resource {pod.name} ({DESCRIBE_TRIES} tries): {last}')
+  last = ('its output is not JSON' if done.returncode == 0 else
+          done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f'exit code {done.returncode}')
+  raise UserError(f'gcloud cannot describe {what} ({DESCRIBE_TRIES} tries): {last}')
+
+
+def state(pod: Pod, poll: float) -> State:
+  """The queued resource's state."""
+  described = read_description(pod.describe(), f'the queued resource {pod.name}', poll)
+  if described is None:
+    return State(None)
+  now = described.get('state', {})
+  error = now.get('failedData', {}).get('error', {})
+  return State(now.get('state'), error.get('message', ''))
 
 
 def _failed(pod: Pod, now: State) -> UserError:
@@ -421,14 +462,14 @@ def run_everywhere(pod: Pod, command: str, steps: list[int] | None = None) -> in
   return next((code for code in codes if code), 0)
 
 
-def unhealthy(pod: Pod, job: Job) -> str:
-  """Why the slice cannot train ('' when it can): a node not READY or marked unhealthy,
+def unhealthy(pod: Pod, job: Job, poll: float) -> str:
+  """Why the slice cannot train ('' when it can): a node gone, not READY or marked unhealthy,
   or a worker that does not see the pod's devices."""
   for node in pod.nodes():
-    done = _run(pod.describe_node(node))
-    if done.returncode:
-      return f'gcloud cannot describe node {node}'
-    described = json.loads(done.stdout)
+    _say(shlex.join(pod.describe_node(node)))
+    described = read_description(pod.describe_node(node), f'node {node}', poll)
+    if described is None:
+      return f'node {node} is gone'
     if described.get('state') != 'READY' or described.get('health', 'HEALTHY') != 'HEALTHY':
       return f'node {node} is {described.get("state")}, health {described.get("health", "unknown")}'
   if job.devices and run_everywhere(pod, job.preflight()):
@@ -460,13 +501,14 @@ def launch(pod: Pod, job: Job, *, retries: int, backoff: float, poll: float, kee
       if await_active(pod, poll):
         code = 0 if installed else set_up(pod, job)
         installed = code == 0
-        why = unhealthy(pod, job) if installed else 'the set-up failed'
+        why = unhealthy(pod, job, poll) if installed else 'the set-up failed'
         code = code or (1 if why else 0)  # giving up on an unhealthy slice is a failure too
         if not why:
           code = run_everywhere(pod, job.worker('start'))
           if code == 0 and detach:
-            _say(f'training started; follow it with: salt launch tpu --project {pod.project} --zone {pod.zone} '
-                 f'--name {pod.name}{f" --slices {pod.slices}" if pod.slices > 1 else ""} --logs')
+            logs = ['salt', 'launch', 'tpu', '--project', pod.project, '--zone', pod.zone, '--name', pod.name,
+                    *(['--slices', str(pod.slices)] if pod.slices > 1 else []), '--logs']
+            _say(f'training started; follow it with: {shlex.join(logs)}')
             return 0
           if code == 0:
             code = follow(pod, job, steps=steps)

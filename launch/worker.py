@@ -19,10 +19,11 @@ STOP_SECONDS = 600
 ENV_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
 
 TEMPLATE = r'''#!/bin/bash
-# Written by salt launch tpu for the job {name}; see launch/worker.py.
+# Written by salt launch tpu; see launch/worker.py.
 set -u
+job={job}
 logs=$HOME/salt-logs
-log=$logs/{name}.log exit_file=$logs/{name}.exit pid_file=$logs/{name}.pid
+log=$logs/$job.log exit_file=$logs/$job.exit pid_file=$logs/$job.pid
 
 train() {{
   cd "$HOME"
@@ -59,7 +60,7 @@ case "${{1:-}}" in
     for _ in $(seq 100); do [ -s "$pid_file" ] && exit 0; sleep 0.1; done
     echo "salt train did not start; see $log"; exit 1 ;;
   run)
-    echo "=== salt launch tpu: {name} starts on $(hostname) at $(date -u +%FT%TZ)"
+    echo "=== salt launch tpu: $job starts on $(hostname) at $(date -u +%FT%TZ)"
     train &
     pid=$!
     echo "$pid" > "$pid_file"
@@ -68,7 +69,7 @@ case "${{1:-}}" in
   follow)
     worker=$(curl -sf -m 5 -H Metadata-Flavor:Google \
       http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || hostname)
-    pid=$(cat "$pid_file" 2>/dev/null) || {{ echo "[w$worker] no salt train of {name} was started here"; exit 1; }}
+    pid=$(cat "$pid_file" 2>/dev/null) || {{ echo "[w$worker] no salt train of $job was started here"; exit 1; }}
     tail -n "${{2:-20}}" -F --pid="$pid" "$log" 2>/dev/null | sed -u "s/^/[w$worker] /"
     [ -s "$exit_file" ] || sleep 2
     [ -s "$exit_file" ] && exit "$(cat "$exit_file")"
@@ -85,4 +86,5 @@ def script(name: str, train: list[str], env: dict[str, str]) -> str:
   """The worker script of job `name`: runs `train` (paths relative to the home directory)
   with `env` exported."""
   exports = '\n'.join(f'  export {key}={shlex.quote(value)}' for key, value in env.items())
-  return TEMPLATE.format(name=name, exports=exports or '  :', train=shlex.join(train), stop_seconds=STOP_SECONDS)
+  return TEMPLATE.format(job=shlex.quote(name), exports=exports or '  :', train=shlex.join(train),
+                         stop_seconds=STOP_SECONDS)

@@ -5,9 +5,13 @@ in $GCLOUD_STATE (JSON), which a test scripts:
 
   exists, states, after_create  the queued resource; describe pops `states` (keeping the last)
   failed_reason                 failedData.error.message of a FAILED resource
-  describe_errors               how many describes fail first, as an expired login or 5xx would
+  describe_errors               how many queued-resources describes fail first, as an expired
+                                login or 5xx would
+  node_describe_errors          how many tpu-vm describes fail first
+  silent_errors                 those failures exit 0 with no output (an API error gcloud
+                                does not report)
   hidden                        how many describes say NOT_FOUND while it exists
-  install_exits                 exit codes of the install command, in turn (then 0)
+  install_exits                 exit codes of the install command, in turn (then it runs)
   preflight_exit                the pre-flight device check's exit code
   follow_drops                  how many `follow` calls drop at once with 255 (a lost connection)
   runs                          one per salt train started: {"steps": N, "exit": CODE,
@@ -15,8 +19,9 @@ in $GCLOUD_STATE (JSON), which a test scripts:
                                 "preempt": bool (the slice is SUSPENDED when it ends)}
 
 Each node is a worker whose home is $GCLOUD_WORKERS/NODE: scp copies there, and the
-launcher's worker script runs there for real (bash, setsid, tail), starting a fake
-`salt-venv/bin/salt` that prints `step i/N` lines as salt train does.
+launcher's commands run there for real (bash, setsid, tail): the install with a fake
+`uv` that appends its arguments to ~/uv.log as a JSON line, then the worker script,
+which starts a fake `salt-venv/bin/salt` that prints `step i/N` lines as salt train does.
 """
 
 import json
@@ -55,7 +60,35 @@ if run.get('preempt'):
 sys.exit(run.get('exit', 0))
 '''
 
-NOT_FOUND = 'ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Resource not found\n'
+FAKE_UV = '''#!{python}
+import json, os, sys
+with open(os.path.join(os.environ['HOME'], 'uv.log'), 'a') as f:
+  f.write(json.dumps(sys.argv[1:]) + '\\n')
+'''
+
+NOT_FOUND = 'ERROR: (gcloud.compute.tpus.{group}.describe) NOT_FOUND: Resource not found\n'
+
+
+def _failed_describe(state: dict, key: str, group: str) -> bool:
+  """Whether this describe fails (the `key` count of them not yet spent), saying so as gcloud would."""
+  if not state.get(key, 0):
+    return False
+  state[key] -= 1
+  if not state.get('silent_errors'):
+    sys.stderr.write(f'ERROR: (gcloud.compute.tpus.{group}.describe) UNAVAILABLE: try again\n')
+  return True
+
+
+def _shell(home: Path, command: str) -> int:
+  """`command` run by bash as a worker would, in its home, with fake curl (the metadata server
+  fails) and uv."""
+  tools = home / '.tools'
+  tools.mkdir(parents=True, exist_ok=True)
+  for name, text in (('curl', '#!/bin/sh\nexit 7\n'), ('uv', FAKE_UV.format(python=sys.executable))):
+    (tools / name).write_text(text)
+    (tools / name).chmod(0o755)
+  env = {**os.environ, 'HOME': str(home), 'PATH': f'{tools}{os.pathsep}{os.environ["PATH"]}'}
+  return subprocess.run(['bash', '-c', command], env=env, cwd=home).returncode
 
 
 def main(args: list[str]) -> int:
@@ -77,15 +110,13 @@ def main(args: list[str]) -> int:
         return 1
       state.update(exists=True, states=list(state['after_create']))
     elif verb == 'describe':
-      if state.get('describe_errors', 0):
-        state['describe_errors'] -= 1
+      if _failed_describe(state, 'describe_errors', group):
         save()
-        sys.stderr.write('ERROR: (gcloud.compute.tpus.queued-resources.describe) UNAVAILABLE: try again\n')
-        return 1
+        return 0 if state.get('silent_errors') else 1
       if not state['exists'] or state.get('hidden', 0):
         state['hidden'] = max(state.get('hidden', 0) - 1, 0)
         save()
-        sys.stderr.write(NOT_FOUND)
+        sys.stderr.write(NOT_FOUND.format(group=group))
         return 1
       now = state['states'].pop(0) if len(state['states']) > 1 else state['states'][0]
       described = {'state': now}
@@ -99,6 +130,12 @@ def main(args: list[str]) -> int:
   node = next(a[:-1] for a in args if a.endswith(':')) if verb == 'scp' else args[4]
   home = Path(os.environ['GCLOUD_WORKERS']) / node
   if verb == 'describe':
+    if _failed_describe(state, 'node_describe_errors', group):
+      save()
+      return 0 if state.get('silent_errors') else 1
+    if not state['exists']:
+      sys.stderr.write(NOT_FOUND.format(group=group))
+      return 1
     print(json.dumps({'state': 'READY', 'health': 'HEALTHY'}))
     return 0
   if verb == 'scp':
@@ -110,6 +147,7 @@ def main(args: list[str]) -> int:
   if 'uv pip install' in command:
     code = state['install_exits'].pop(0) if state.get('install_exits') else 0
     save()
+    code = code or _shell(home, command)
     if code == 0:
       salt = home / 'salt-venv' / 'bin' / 'salt'
       salt.parent.mkdir(parents=True, exist_ok=True)
@@ -122,13 +160,7 @@ def main(args: list[str]) -> int:
     state['follow_drops'] -= 1
     save()
     return 255
-  # The worker script, for real, with this worker's home; curl (the metadata server) fails.
-  tools = home / '.tools'
-  tools.mkdir(parents=True, exist_ok=True)
-  (tools / 'curl').write_text('#!/bin/sh\nexit 7\n')
-  (tools / 'curl').chmod(0o755)
-  env = {**os.environ, 'HOME': str(home), 'PATH': f'{tools}{os.pathsep}{os.environ["PATH"]}'}
-  return subprocess.run(['bash', '-c', command], env=env, cwd=home).returncode
+  return _shell(home, command)
 
 
 if __name__ == '__main__':

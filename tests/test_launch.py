@@ -14,14 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from launch import tpu
+from launch import tpu, worker
 from trainer import cli
 from trainer.errors import UserError
 
 STANDIN = Path(__file__).with_name('gcloud_standin.py')
 
+
 @pytest.fixture
-def gcloud(tmp_path, monkeypatch):
+def tmp_dir(tmp_path, monkeypatch):
+  """The temporary directory the launcher stages its files in, this test's own."""
+  path = tmp_path / 'tmp'
+  path.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(path))
+  return path
+
+
+@pytest.fixture
+def gcloud(tmp_path, tmp_dir, monkeypatch):
   """Puts the stand-in (tests/gcloud_standin.py) first on PATH; returns a function that
   scripts it and one that reads its calls."""
   bin_dir = tmp_path / 'bin'
@@ -106,7 +116,7 @@ def test_launch_creates_waits_installs_checks_trains_detached_follows_and_delete
   assert made[5][:4] == ['compute', 'tpus', 'tpu-vm', 'scp'] and made[5][4] == config_file
   install = made[6]
   assert install[:8] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'run1', *where, '--worker=all']
-  assert 'uv pip install' in install[-1] and '"salt-lm[tpu] @ git+https://example.com/salt@abc" gcsfs' in install[-1]
+  assert 'uv pip install' in install[-1] and "'salt-lm[tpu] @ git+https://example.com/salt@abc' gcsfs" in install[-1]
   assert made[-2][-1] == '--command=bash ~/salt-run1.sh follow 20'
   assert made[-1] == ['compute', 'tpus', 'queued-resources', 'delete', 'run1', *where, '--force', '--quiet']
   out = capsys.readouterr().out
@@ -265,9 +275,126 @@ def test_print_shows_every_command_and_runs_none(gcloud, config_file, capsys):
   for node in ('run1-0', 'run1-1'):
     assert [c for c in commands if c.startswith(f'gcloud alpha compute tpus tpu-vm ssh {node} ')
             and c.endswith('--worker=all --tunnel-through-iap \'--command=bash ~/salt-run1.sh start\'')]
-  worker_script = (Path(tempfile.gettempdir()) / 'salt-launch-run1' / 'salt-run1.sh').read_text()
+  worker_script = Path(staged(out, 'salt-run1.sh')).read_text()
   assert '--config.mesh.dcn_data=2 --config.mesh.data=2' in worker_script
   assert 'queued-resources delete run1' in out
+
+
+def staged(plan: str, name: str) -> str:
+  """Where the printed plan copies the file `name` from."""
+  scp = next(shlex.split(line) for line in plan.splitlines() if ' tpu-vm scp ' in line)
+  return next(path for path in scp if Path(path).name == name)
+
+
+def test_files_for_the_workers_are_staged_in_a_fresh_private_directory_and_removed(gcloud, config_file, capsys,
+                                                                                  tmp_dir, tmp_path):
+  """Issue 23, 10: the worker script was written into the predictable /tmp/salt-launch-NAME, made
+  with exist_ok: a directory planted there with a symlink in it had salt overwrite another
+  file, and another user could swap the script the workers run."""
+  script, calls = gcloud
+  script()
+  victim = tmp_path / 'victim'
+  victim.write_text('mine')
+  planted = tmp_dir / 'salt-launch-run1'
+  planted.mkdir()
+  (planted / 'salt-run1.sh').symlink_to(victim)
+  assert launch_tpu(config_file, '--print') == 0
+  assert victim.read_text() == 'mine'
+  staging = Path(staged(capsys.readouterr().out, 'salt-run1.sh')).parent
+  assert staging.parent == tmp_dir and staging != planted
+  assert staging.stat().st_mode & 0o777 == 0o700
+  # The printed commands copy from it, so --print keeps it; a launch removes what it staged.
+  shutil.rmtree(staging)
+  assert launch_tpu(config_file) == 0
+  assert sorted(tmp_dir.iterdir()) == [planted] and victim.read_text() == 'mine'
+
+
+@pytest.mark.parametrize('name, slices', [('x$(touch${IFS}P)', '1'), ('Run1', '1'), ('run-', '1'),
+                                          ('r' * 64, '1'), ('r' * 62, '2')])
+def test_a_name_cloud_tpu_refuses_is_refused_before_anything_runs(gcloud, config_file, capsys, tmp_path,
+                                                                  monkeypatch, name, slices):
+  """Issue 23, 11: --name went unquoted into the worker script and the ssh commands, so
+  `x$(touch${IFS}P)` ran touch on the workers."""
+  script, calls = gcloud
+  script()
+  monkeypatch.chdir(tmp_path)
+  args = tpu_args(config_file, '--slices', slices, '--config.data.global_batch_size=16', '--print')
+  args[args.index('--name') + 1] = name
+  assert cli.main(args) == 2
+  assert 'lowercase letters, digits and hyphens' in capsys.readouterr().err
+  assert cli.main(['launch', 'tpu', '--project', 'p', '--zone', 'z', '--name', name, '--slices', slices,
+                   '--logs']) == 2
+  assert calls() == [] and not (tmp_path / 'P').exists()
+
+
+def test_the_worker_script_runs_no_part_of_the_job_name(tmp_path):
+  """Issue 23, 11: the name's own defence, whatever passes it the name."""
+  hostile = f'x$(touch {tmp_path}/P)`touch {tmp_path}/Q`'
+  path = tmp_path / 'worker.sh'
+  path.write_text(worker.script(hostile, ['true'], {}))
+  for verb in ('stop', 'follow'):
+    subprocess.run(['bash', str(path), verb], env={**os.environ, 'HOME': str(tmp_path)}, capture_output=True)
+  assert not (tmp_path / 'P').exists() and not (tmp_path / 'Q').exists()
+
+
+def test_a_package_and_env_values_reach_the_workers_verbatim(gcloud, config_file, capsys, tmp_path):
+  """Issue 23, 11: --package was only double-quoted in the install command, so `$(...)` in it
+  ran on the workers. The install and the worker script run here for real, by bash."""
+  script, calls = gcloud
+  script()
+  hostile = f'a\'b"c $(touch {tmp_path}/P) `touch {tmp_path}/Q` $HOME'
+  package = f'salt-lm @ git+https://example.com/salt@abc#{hostile}'
+  assert launch_tpu(config_file, '--package', package, '--env', f'SALT_TEST_ENV={hostile}') == 0
+  uv = [json.loads(line) for line in (tmp_path / 'workers' / 'run1' / 'uv.log').read_text().splitlines()]
+  assert [call for call in uv if call[:2] == ['pip', 'install']][0][-3:] == [package, 'gcsfs', 'google-cloud-storage']
+  assert re.search(rf'^\[w\S+\] env {re.escape(hostile)} auto$', capsys.readouterr().out, re.M)
+  assert not (tmp_path / 'P').exists() and not (tmp_path / 'Q').exists()
+
+
+def test_the_wheel_of_this_checkout_is_installed_from_the_worker_s_home(gcloud, config_file, tmp_dir, tmp_path,
+                                                                        monkeypatch):
+  script, calls = gcloud
+  script()
+  monkeypatch.setattr(tpu, '_wheel_build', lambda out: (['true'], out / 'salt_lm-1-py3-none-any.whl'))
+  job = tpu.make_job(config_file, [], 'gs://b/run1', None, None, 'run1', {}, 8, tmp_dir)
+  subprocess.run(['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'run1', '--worker=all', f'--command={job.install}'],
+                 check=True)
+  home = tmp_path / 'workers' / 'run1'
+  uv = [json.loads(line) for line in (home / 'uv.log').read_text().splitlines()]
+  assert f'{home}/salt_lm-1-py3-none-any.whl[tpu]' in [call for call in uv if call[:2] == ['pip', 'install']][0]
+
+
+def test_a_node_describe_that_fails_once_in_the_pre_flight_is_asked_again(gcloud, config_file):
+  """Issue 27: an empty describe of a node (a transient API error) ended the launch with a
+  JSONDecodeError traceback, after deleting the queued resource."""
+  script, calls = gcloud
+  script(node_describe_errors=1, silent_errors=True)
+  assert launch_tpu(config_file) == 0
+  assert steps(calls()) == ['describe', 'create', 'describe', 'copy', 'install', 'health', 'health', 'devices',
+                            'start', 'follow', 'delete']
+
+
+@pytest.mark.parametrize('keep', [False, True])
+def test_a_node_that_cannot_be_described_stops_with_one_line(gcloud, config_file, capsys, keep):
+  script, calls = gcloud
+  script(node_describe_errors=100)
+  assert launch_tpu(config_file, *(['--keep'] if keep else [])) == 2
+  assert 'salt: error: gcloud cannot describe node run1 (5 tries): ERROR: ' in capsys.readouterr().err
+  made = steps(calls())
+  assert made.count('health') == 5 and made.count('create') == 1 and (made[-1] == 'delete') != keep
+
+
+def test_an_empty_describe_of_the_queued_resource_is_asked_again(gcloud, config_file, capsys):
+  """Issue 27: the same JSONDecodeError where the queued resource's state is read."""
+  script, calls = gcloud
+  script(describe_errors=1, silent_errors=True)
+  assert launch_tpu(config_file) == 0
+  assert steps(calls()).count('create') == 1
+  script(exists=True, states=['ACTIVE'], describe_errors=100, silent_errors=True)
+  assert launch_tpu(config_file) == 2
+  assert 'gcloud cannot describe the queued resource run1 (5 tries): its output is not JSON' in (
+      capsys.readouterr().err)
+  assert steps(calls())[-1] == 'delete'
 
 
 README_LAUNCH = re.compile(r'^salt launch tpu .*?(?<!\\)$', re.M | re.S)
@@ -310,7 +437,8 @@ def test_the_wheel_is_built_with_uv_where_pip_is_missing(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which('gcloud', path=os.environ['PATH']), reason='gcloud is not installed')
-def test_every_printed_command_passes_gcloud_s_own_argument_parser(config_file, capsys, tmp_path, monkeypatch):
+def test_every_printed_command_passes_gcloud_s_own_argument_parser(config_file, capsys, tmp_path, tmp_dir,
+                                                                   monkeypatch):
   """Real gcloud, no credentials: each command must fail at the login, not at its arguments."""
   gcloud = shutil.which('gcloud')
   assert cli.main(tpu_args(config_file, '--slices', '2', '--config.data.global_batch_size=16', '--spot',
