@@ -7,9 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tests.helpers import tiny_config
@@ -183,7 +187,7 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tiny_data, saved_on_8
 @pytest.mark.slow
 def test_a_loss_that_is_not_finite_stops_the_run_naming_the_step(tiny_data, tmp_path):
   config = tiny_config(tiny_data)
-  config.optim.lr = float('inf')  # the first update makes every parameter inf or nan
+  config.optim.lr = 1e38  # finite, but the first update overflows the activations
   config.optim.warmup_steps = 0
   config.checkpoint.every_steps = 1
   with pytest.raises(Diverged, match='not finite at step 2; the last good checkpoint is step 1'):
@@ -248,3 +252,59 @@ def test_a_full_disk_during_an_asynchronous_save_is_one_line_and_the_run_resumes
       'there (or set --config.checkpoint.max_to_keep lower) and run again to resume from the last checkpoint')
   assert salt_train(config_file, workdir) == 0
   assert [int(p.name) for p in sorted((workdir / 'checkpoints').iterdir())] == [2, 4, 6]
+
+
+class SlowChecksum:
+  """A checksum that takes a while to come back from the device; notes the thread that waited."""
+
+  def __init__(self, value, waited_in: list):
+    self.value, self.waited_in = value, waited_in
+
+  def __int__(self) -> int:
+    time.sleep(1)
+    self.waited_in.append(threading.current_thread())
+    return int(self.value)
+
+
+def small_state():
+  return {'w': jnp.arange(1000, dtype=jnp.float32), 'b': jnp.ones(7, jnp.bfloat16), 'step': jnp.int32(3)}
+
+
+def test_save_does_not_wait_for_the_checksums(tmp_path, monkeypatch):
+  """Issue 23: `save` computed and fetched the checksums before returning, which blocked the
+  loop 4.67 s per save of the 290M-parameter state on CPU."""
+  state = small_state()
+  sums, waited_in = checkpoint._sums, []
+  monkeypatch.setattr(checkpoint, '_sums', lambda tree: [SlowChecksum(x, waited_in) for x in sums(tree)])
+  ckpts = checkpoint.Checkpoints(tmp_path, every_steps=1, max_to_keep=1)
+  start = time.perf_counter()
+  ckpts.save(1, state, {'data': {'step': 1}})
+  assert time.perf_counter() - start < 1
+  ckpts.wait()
+  assert len(waited_in) == 3 and threading.main_thread() not in waited_in
+  monkeypatch.undo()
+  restored, meta = ckpts.restore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), 'auto')
+  ckpts.close()
+  assert meta == {'data': {'step': 1}, 'checksums': checkpoint.checksums(state)}
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_checkpoint_from_before_the_background_checksums_is_verified_on_restore(tmp_path):
+  """Checkpoints that salt wrote before issue 23 hold the same checksums, written by Orbax's
+  own JSON handler: they restore, and a damaged one is refused."""
+  state = small_state()
+  manager = ocp.CheckpointManager(tmp_path.absolute(), item_names=('state', 'meta'))
+  for step in (1, 2):
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(
+        {'data': {'step': step}, 'checksums': checkpoint.checksums(state)})))
+  manager.wait_until_finished()
+  manager.close()
+  flip_bytes_in_the_largest_file(tmp_path / '2' / 'state', 0.5)
+  ckpts = checkpoint.Checkpoints(tmp_path, every_steps=1, max_to_keep=5)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  with pytest.raises(UserError, match=r'checkpoint at step 2 \(.*/2\) cannot be read'):
+    ckpts.restore(abstract, str(tmp_path / '2'))
+  restored, meta = ckpts.restore(abstract, str(tmp_path / '1'))
+  assert meta['data'] == {'step': 1}
+  np.testing.assert_array_equal(np.asarray(restored['w']), np.asarray(state['w']))

@@ -5,9 +5,16 @@ state) and `meta` (JSON: the resolved config, the versions that wrote it, and th
 loader's state, which is the step plus a fingerprint of what the batches depend on).
 Orbax writes a step into a temporary directory and renames it when complete, so a
 save that dies midway leaves nothing `all_steps()` lists: it is never restored.
+
+The meta item also holds a checksum of each array of the state, checked on restore.
+`save` only dispatches their computation on the device; Orbax's background thread
+fetches them and writes the meta item, so the loop waits for neither (it had waited
+4.67 s a save of a 290M-parameter state on CPU). The file is the JSON that Orbax's own
+handler wrote before, so older checkpoints restore and are checked the same way.
 """
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -52,10 +59,12 @@ class Checkpoints:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving (returns before the write completes when saves are asynchronous).
     The meta item carries the state's checksums, checked when it is restored."""
-    meta = {**meta, 'checksums': checksums(state)}
+    # Dispatched before Orbax copies the state to the host, and before the next step
+    # donates its buffers: the device reads them first.
+    sums = _sums(state)
     with self._writing():
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)), force=True)
+                                                      meta=_MetaSave(meta, sums)), force=True)
 
   @contextlib.contextmanager
   def _writing(self):
@@ -167,7 +176,7 @@ SHAPE_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'hea
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, model: dict | None) -> tuple[Any, dict]:
   if model is not None:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = manager.restore(step, args=ocp.args.Composite(meta=_MetaRestore())).meta
     saved = meta.get('config', {}).get('model', {})
     differing = [k for k in SHAPE_KEYS if k in saved and saved[k] != model[k]]
     if differing:
@@ -177,7 +186,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, mod
           + '; set them back (' + ' '.join(f'--config.model.{k}={saved[k]}' for k in differing)
           + ') or train this model in another --workdir')
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                           meta=ocp.args.JsonRestore()))
+                                                           meta=_MetaRestore()))
   if 'checksums' in restored.meta and checksums(restored.state) != restored.meta['checksums']:
     raise ValueError('the restored arrays fail the checksums saved with them (damaged after the save)')
   return restored.state, restored.meta
@@ -195,7 +204,35 @@ def _sums(tree: Any) -> list[jax.Array]:
 def checksums(tree: Any) -> list[int]:
   """Per array, the sum of its bits as unsigned words modulo 2**32: any flipped bit
   changes it, and the sum is the same however the array is sharded."""
-  return [int(x) for x in jax.device_get(_sums(tree))]
+  return _fetched(_sums(tree))
+
+
+def _fetched(sums: list[jax.Array]) -> list[int]:
+  return [int(x) for x in jax.device_get(sums)]
+
+
+class _MetaHandler(ocp.JsonCheckpointHandler):
+  """Writes the meta item with the checksums in Orbax's background thread, once the
+  device has computed them; reads it as Orbax's JSON handler does."""
+
+  async def async_save(self, directory: epath.Path, item: Any = None,
+                       args: '_MetaSave | None' = None) -> list[ocp.future.Future]:
+    async def write():
+      await self._save_fn({**args.meta, 'checksums': _fetched(args.sums)}, directory)
+    return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name='meta_save')]
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_save=True)
+@dataclasses.dataclass
+class _MetaSave(ocp.args.CheckpointArgs):
+  meta: dict
+  sums: list[jax.Array]
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_restore=True)
+@dataclasses.dataclass
+class _MetaRestore(ocp.args.CheckpointArgs):
+  """Reads the meta item (the same file for checkpoints of any salt version)."""
 
 
 def _restore_path(path: epath.Path, abstract_state: Any, model: dict | None) -> tuple[Any, dict]:
