@@ -4,17 +4,28 @@
 
 Uses the embedded Shakespeare corpus (downloaded on first use). The prepare figure
 excludes sentencepiece training (timed separately); the loader figure is tokens of
-finished batches per second, as the trainer would receive them.
+finished batches per second, as the trainer would receive them. The index figures are
+the bytes per record of the stream's index that the process holds privately and that
+each worker process receives pickled (and so holds privately too).
 """
 
 import argparse
 import json
+import pickle
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from trainer import corpus, data
 from trainer.prepare import Skips, prepare, read_documents, train_tokenizer
+
+
+def private_index_bytes(stream: data.TokenStream) -> int:
+  """Bytes of the stream's index arrays in this process's own memory (a memory-mapped
+  file's pages are the page cache's, shared by every process that maps it)."""
+  return sum(a.nbytes for a in vars(stream).values() if isinstance(a, np.ndarray) and not isinstance(a, np.memmap))
 
 
 def main():
@@ -42,6 +53,8 @@ def main():
     tokens = manifest['splits']['train']['tokens']
 
     stream = data.TokenStream(tmp / 'prepared', 'train', args.seq_len)
+    records = manifest['splits']['train']['records']
+    index_private, index_pickled = private_index_bytes(stream), len(pickle.dumps(stream))
     batches = data.train_batches(stream, global_batch=args.batch, seed=0, first_step=0,
                                  num_steps=args.steps + 5, workers=args.workers)
     for _ in range(5):  # warm-up: readers open, workers start
@@ -60,6 +73,8 @@ def main():
       'prepare_mb_per_sec': round(text_bytes / 1e6 / prepare_seconds, 2),
       'loader': {'seq_len': args.seq_len, 'batch': args.batch, 'workers': args.workers, 'steps': args.steps},
       'loader_tokens_per_sec': round(args.steps * args.batch * args.seq_len / loader_seconds),
+      'index': {'records': records, 'private_bytes_per_record': round(index_private / records, 2),
+                'pickled_bytes_per_record': round(index_pickled / records, 2)},
   }))
 
 

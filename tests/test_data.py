@@ -1,13 +1,16 @@
 """`salt prepare` and the loader: counts, bad input, resumable prepare, exact epochs,
 disjoint hosts, a state that is just the step, packing that respects documents."""
 
+import gc
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -159,7 +162,8 @@ def test_a_directory_prepared_by_an_earlier_salt_is_not_reused_blindly(tmp_path,
   out = tmp_path / 'old'
   prepare(inputs, out, tokenizer=str(tiny_data / 'tokenizer.model'), workers=1)
   (out / 'settings.json').unlink()
-  with pytest.raises(UserError, match='it was made by an earlier salt, which did not record them'):
+  with pytest.raises(UserError, match=r'which salt would write but did not write here \(an earlier salt, which did '
+                                      'not record them'):
     prepare(inputs, out, tokenizer=str(tiny_data / 'tokenizer.model'), workers=1)
 
 
@@ -231,6 +235,56 @@ def test_each_row_matches_the_documents_it_was_cut_from(tiny_data):
   stream = data.TokenStream(tiny_data, 'train', seq_len=40)
   every_token = sorted(stream_tokens(stream))
   assert sorted(read_rows(stream, range(len(stream)))) == every_token
+
+
+def private_index_bytes(stream):
+  """Bytes of the stream's index arrays in this process's own memory, not a mapped file's."""
+  return sum(a.nbytes for a in vars(stream).values() if isinstance(a, np.ndarray) and not isinstance(a, np.memmap))
+
+
+@pytest.mark.parametrize('selected', [False, True])
+def test_workers_map_the_index_rather_than_receive_a_copy(tiny_data, selected):
+  """Issue 23, defect 2: the index cost 32 bytes per record in each process, and a
+  pickled copy in each worker process (4.7 GB each at 300B tokens)."""
+  full = data.TokenStream(tiny_data, 'train', seq_len=24)
+  records = np.arange(0, len(full.records), 3) if selected else None
+  stream = data.TokenStream(tiny_data, 'train', seq_len=24, records=records)
+  assert private_index_bytes(stream) == 0
+  worker = pickle.loads(pickle.dumps(stream))
+  assert private_index_bytes(worker) == 0
+  for name in ('document', 'start', 'offsets'):
+    assert getattr(worker, name).filename == getattr(stream, name).filename
+  for r in range(len(stream)):
+    for key, value in stream.row(r).items():
+      np.testing.assert_array_equal(worker.row(r)[key], value)
+
+
+def test_the_index_files_go_with_the_stream_that_wrote_them(tiny_data):
+  stream = data.TokenStream(tiny_data, 'train', seq_len=24)
+  directory = Path(stream.offsets.filename).parent
+  worker = pickle.loads(pickle.dumps(stream))
+  del worker
+  gc.collect()
+  assert directory.is_dir()  # a worker's copy leaves them to the process that wrote them
+  del stream
+  gc.collect()
+  assert not directory.exists()
+
+
+def test_the_index_files_of_a_killed_process_go_when_another_stream_opens(tiny_data):
+  """A SIGKILLed process runs no finalizer: the next stream removes what it left."""
+  code = ('import sys, time; from pathlib import Path; from trainer import data; '
+          f'stream = data.TokenStream({str(tiny_data)!r}, "validation", 16); '
+          'print(Path(stream.offsets.filename).parent, flush=True); time.sleep(300)')
+  holder = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+  directory = Path(holder.stdout.readline().strip())
+  data.TokenStream(tiny_data, 'validation', 16)
+  assert directory.is_dir()  # its process lives
+  holder.kill()
+  holder.wait()
+  holder.stdout.close()
+  data.TokenStream(tiny_data, 'validation', 16)
+  assert not directory.exists()
 
 
 def test_validation_batches_cover_the_split_once_in_order(tiny_data):
@@ -332,3 +386,69 @@ def test_a_corpus_with_no_text_is_one_line(tmp_path):
   (tmp_path / 'blank.txt').write_text('\n\n   \n')
   with pytest.raises(UserError, match=r'^the inputs hold no text to train a vocabulary on'):
     prepare([str(tmp_path / 'blank.txt')], tmp_path / 'out', vocab_size=300, workers=1)
+
+
+# --- worker processes ------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+  """Whether the process runs (a zombie, dead but not yet reaped, does not)."""
+  try:
+    stat = Path(f'/proc/{pid}/stat').read_text()
+  except FileNotFoundError:
+    return False
+  return stat.rsplit(')', 1)[1].split()[0] != 'Z'
+
+
+def gone_within(pids, seconds: float) -> list[int]:
+  """The pids still running after `seconds`."""
+  deadline = time.time() + seconds
+  while any(alive(p) for p in pids) and time.time() < deadline:
+    time.sleep(0.1)
+  return [p for p in pids if alive(p)]
+
+
+@pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads process states from /proc')
+def test_loader_workers_end_when_the_training_process_is_killed(tiny_data):
+  """Issue 23, defect 1: Grain's workers (~230 MB each) lived on for minutes after
+  `salt train` was SIGKILLed."""
+  code = ('import multiprocessing, sys, time; from trainer import data; '
+          f'stream = data.TokenStream({str(tiny_data)!r}, "train", 24); '
+          'batches = data.train_batches(stream, global_batch=4, seed=0, first_step=0, num_steps=10**6, workers=2); '
+          'next(batches); '
+          'print(*[p.pid for p in multiprocessing.active_children()], flush=True); '
+          'time.sleep(300)')
+  parent = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+  workers = [int(pid) for pid in parent.stdout.readline().split()]
+  assert len(workers) == 2 and all(alive(p) for p in workers)
+  parent.kill()
+  parent.wait()
+  parent.stdout.close()
+  left = gone_within(workers, 5)
+  for pid in left:  # the test's own mess, before it fails
+    os.kill(pid, signal.SIGKILL)
+  assert not left
+
+
+@pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads process states from /proc')
+def test_without_prctl_a_child_polls_for_its_parent():
+  """Where the kernel cannot signal a parent's death, a thread notices it."""
+  child = ('import os, time; from trainer import processes; '
+           'processes._kill_me_when_parent_dies = lambda: False; '
+           'processes.die_with_parent(); print(os.getpid(), flush=True); time.sleep(300)')
+  code = f'import subprocess, sys, time; subprocess.Popen([sys.executable, "-c", {child!r}]); time.sleep(300)'
+  parent = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+  pid = int(parent.stdout.readline())
+  parent.kill()
+  parent.wait()
+  parent.stdout.close()
+  left = gone_within([pid], 5)
+  for p in left:
+    os.kill(p, signal.SIGKILL)
+  assert not left
+
+
+def test_a_child_whose_parent_already_died_ends_at_once():
+  code = 'from trainer import processes; processes.die_with_parent(parent_pid=0); print("still here")'
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+  assert (done.returncode, done.stdout) == (1, '')

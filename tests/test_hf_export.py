@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, write_corpus
 from tests.test_hf_import import CASES, TOKENS, random_weights, teacher_logits, write_model
 from trainer import cli, train
 from trainer.errors import UserError
 from trainer.hf_export import export, hf_config, read_checkpoint
 from trainer.hf_import import import_teacher
 from trainer.model import ModelConfig
+from trainer.prepare import prepare
 
 
 def params_of(checkpoint) -> dict:
@@ -71,8 +72,23 @@ def test_a_bad_checkpoint_a_used_output_or_a_wrong_tokenizer_is_one_line(tiny_da
   (tmp_path / 'used' / 'x').write_text('')
   assert cli.main(['export', first['checkpoint'], str(tmp_path / 'used')]) == 2
   assert 'is not empty; export into a new directory' in capsys.readouterr().err
-  with pytest.raises(UserError, match='is not the tokenizer the checkpoint was trained with'):
+  with pytest.raises(UserError, match='config.json is not a sentencepiece model'):
     export(first['checkpoint'], tmp_path / 'out', tokenizer=tmp_path / 'hf' / 'config.json')
+  (tmp_path / 'other').mkdir()
+  prepare(write_corpus(tmp_path / 'other', 4, seed=5), tmp_path / 'other' / 'data', vocab_size=300, workers=1)
+  with pytest.raises(UserError, match='is not the tokenizer the checkpoint was trained with'):
+    export(first['checkpoint'], tmp_path / 'out', tokenizer=tmp_path / 'other' / 'data' / 'tokenizer.model')
+
+
+def test_a_shard_size_that_is_not_a_positive_number_is_one_line(sp_model, tmp_path, capsys):
+  """Issue 23: --max-shard-gb nan or inf was a traceback; 0 or less wrote a shard per tensor."""
+  hf, layout = CASES['gqa-untied-float32']
+  first = import_teacher(write_model(tmp_path / 'hf', hf, random_weights(hf), tokenizer=sp_model, **layout),
+                         tmp_path / 'salt')
+  for value in ('nan', 'inf', '0', '-1'):
+    assert cli.main(['export', first['checkpoint'], str(tmp_path / 'out'), '--max-shard-gb', value]) == 2
+    assert f'--max-shard-gb {float(value)} must be a positive number of GB' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('case', ['gqa-untied-float32', 'tied-sharded-bfloat16'])

@@ -17,7 +17,7 @@ from trainer import cli, salt, sharding, step
 from trainer.errors import UserError
 from trainer.hf_import import import_teacher
 from trainer.model import ModelConfig
-from trainer.prepare import file_sha256
+from trainer.prepare import file_sha256, tokenizer_sha256
 from trainer.score import score
 
 V = 320  # the vocabulary of the tiny_data fixture's tokenizer, which the model ships
@@ -207,8 +207,8 @@ def test_the_import_writes_the_config_and_the_tokenizer_and_salt_scores_with_it(
   assert cli.main(['import-teacher', str(tmp_path / 'hf'), str(tmp_path / 'out')]) == 0
 
   config = json.loads((tmp_path / 'out' / 'config.json').read_text())['config']
-  assert config['data']['tokenizer_sha256'] == file_sha256(tmp_path / 'out' / 'tokenizer.model') \
-      == file_sha256(sp_model)
+  assert config['data']['tokenizer_sha256'] == tokenizer_sha256(tmp_path / 'out' / 'tokenizer.model') \
+      == tokenizer_sha256(sp_model)
   assert config['data']['seq_len'] == 64  # max_position_embeddings
   assert {k: config['model'][k] for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
                                           'head_dim', 'd_ff', 'norm_eps', 'tie_embeddings')} == \
@@ -241,6 +241,12 @@ def without(weights: dict, name: str) -> dict:
     (dict(hidden_size='2048'), "config.json hidden_size='2048' must be a positive integer"),
     (dict(num_key_value_heads=2.5), 'config.json num_key_value_heads=2.5 must be a positive integer'),
     (dict(num_hidden_layers=0), 'config.json num_hidden_layers=0 must be a positive integer'),
+    # Issue 23: these were tracebacks too.
+    (dict(max_position_embeddings='2048'), "config.json max_position_embeddings='2048' must be a positive integer"),
+    (dict(rope_theta=None), 'config.json rope_theta=None must be a positive number'),
+    (dict(rms_norm_eps='x'), "config.json rms_norm_eps='x' must be a positive number"),
+    (dict(rope_scaling={'rope_type': 'linear', 'factor': 'x'}),
+     "config.json rope_scaling factor='x' must be a positive number"),
 ])
 def test_an_unsupported_config_is_refused_naming_the_field(changes, match, sp_model, tmp_path):
   hf = llama_config()
@@ -248,6 +254,15 @@ def test_an_unsupported_config_is_refused_naming_the_field(changes, match, sp_mo
   with pytest.raises(UserError, match=match):
     import_teacher(tmp_path / 'hf', tmp_path / 'out')
   assert not (tmp_path / 'out').exists()
+
+
+def test_a_config_that_is_not_a_json_object_is_one_line(sp_model, tmp_path, capsys):
+  """Issue 23: a top-level list was a traceback."""
+  hf = llama_config()
+  model = write_model(tmp_path / 'hf', hf, random_weights(hf), tokenizer=sp_model)
+  (model / 'config.json').write_text(json.dumps([hf]))
+  assert cli.main(['import-teacher', str(model), str(tmp_path / 'out')]) == 2
+  assert f'{model / "config.json"} holds a JSON list, not an object of settings' in capsys.readouterr().err
 
 
 def test_a_hugging_face_tokenizer_that_is_not_sentencepiece_is_refused(sp_model, tmp_path):

@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+from etils import epath
+
 from tests.helpers import tiny_config, write_corpus
 from trainer import cli, progress
 from trainer.errors import UserError
@@ -75,6 +77,33 @@ def test_a_resume_that_would_read_other_batches_is_refused_unless_allowed_and_th
   written = json.loads((tmp_path / 'config.json').read_text())
   assert written['data_changes'] == [{'step': 2, 'changes': ['shuffle_seed 0 -> 1']}]
   assert written['config']['data']['shuffle_seed'] == 1
+
+
+@pytest.mark.parametrize('content', ['', '{"config": {"total_st', '[]'])
+def test_a_damaged_run_config_is_one_line(content, tiny_data, tmp_path):
+  """Issue 23: an empty or truncated RUN/config.json was a traceback when a run started."""
+  (tmp_path / 'config.json').write_text(content)
+  with pytest.raises(UserError, match=rf'^{tmp_path / "config.json"} is damaged \(.+\): restore it, or delete it'):
+    train(short_run(tiny_data, 2), tmp_path)
+
+
+def test_a_run_config_write_cut_short_leaves_the_previous_one_whole(tiny_data, tmp_path, monkeypatch):
+  """Issue 23: RUN/config.json was written in place, so a write cut short left it truncated."""
+  previous = json.dumps({'data_changes': [{'step': 2, 'changes': ['shuffle_seed 0 -> 1']}]})
+  (tmp_path / 'config.json').write_text(previous)
+  gpath = type(epath.Path(tmp_path))
+  write_text = gpath.write_text
+
+  def cut_short(path, text, *args, **kwargs):
+    if not path.name.startswith('config.json'):
+      return write_text(path, text, *args, **kwargs)
+    write_text(path, text[:len(text) // 2])
+    raise OSError('No space left on device')
+
+  monkeypatch.setattr(gpath, 'write_text', cut_short)
+  with pytest.raises(OSError, match='No space left on device'):
+    train(short_run(tiny_data, 2), tmp_path)
+  assert (tmp_path / 'config.json').read_text() == previous
 
 
 def test_the_same_documents_prepared_in_another_order_are_other_data(tiny_data, tmp_path):

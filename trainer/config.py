@@ -45,8 +45,8 @@ def defaults() -> ml_collections.ConfigDict:
       # Hash every shard against the manifest when the data is opened (a full read, in
       # parallel); False checks sizes only, for a corpus too large to read at every start.
       verify_hashes=True,
-      # sha256 of the sentencepiece model the model is trained with; '' adopts the
-      # data's, and the resolved config records it.
+      # The identity of the tokenizer the model is trained with (prepare.tokenizer_sha256:
+      # a hash of its pieces and encoding); '' adopts the data's, and the resolved config records it.
       tokenizer_sha256='',
       selection=dict(
           scores='',  # a .npy of one float per training record (NaN: unscored); '' = no selection

@@ -21,15 +21,24 @@ A batch is a dict of [B/P, L] numpy arrays:
 """
 
 import concurrent.futures
+import fcntl
+import functools
+import glob
 import logging
+import os
+import shutil
+import tempfile
 import time
+import weakref
 from pathlib import Path
+from typing import IO
 
 import absl.flags
 import grain
 import numpy as np
 import sentencepiece as spm
 
+from trainer import processes
 from trainer.errors import UserError
 from trainer.prepare import file_sha256, read_manifest
 
@@ -69,8 +78,50 @@ def _check_shards(data_dir: Path, shards: list[dict], verify_hashes: bool) -> No
                  len(_verified) - hashed, data_dir, time.perf_counter() - start)
 
 
+_INDEX_PREFIX = 'salt-index-'
+
+
+def _index_dir() -> tuple[str, IO]:
+  """A new temporary directory for a stream's index, and the open file of its `lock`,
+  which this process holds under an exclusive flock while the stream lives."""
+  _remove_orphaned_indexes()
+  directory = tempfile.mkdtemp(prefix=_INDEX_PREFIX)
+  lock = open(os.path.join(directory, 'lock.partial'), 'w')
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  # Named `lock` only once locked, so that no other process takes a fresh directory for an orphan.
+  os.replace(lock.name, os.path.join(directory, 'lock'))
+  return directory, lock
+
+
+def _remove_orphaned_indexes() -> None:
+  """Removes the index directories of processes that died without removing them (a
+  SIGKILL runs no finalizer): the kernel dropped their flock, so it can be taken."""
+  for lock_path in glob.glob(os.path.join(tempfile.gettempdir(), f'{_INDEX_PREFIX}*', 'lock')):
+    try:
+      with open(lock_path) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(os.path.dirname(lock_path), ignore_errors=True)
+    except OSError:  # its owner lives, another process removed it first, or another user's
+      continue
+
+
+def _remove_index(directory: str, lock: IO, creator: int) -> None:
+  # A forked child inherits the finalizer; only the process that wrote the files removes them.
+  if os.getpid() == creator:
+    shutil.rmtree(directory, ignore_errors=True)
+    lock.close()
+
+
 class TokenStream:
-  """Random access to the rows of a split's token stream."""
+  """Random access to the rows of a split's token stream.
+
+  The index (per record of the split: document and start; per record of the stream:
+  offsets, and for a selection the record ids) lives in .npy files of a temporary
+  directory, memory-mapped read-only, which the stream removes when it is garbage
+  collected (or the next stream opened, where its process was killed). A worker process
+  that receives the stream pickled maps the same files: the processes share one copy in
+  the page cache instead of each holding its own.
+  """
 
   def __init__(self, data_dir: Path, split: str, seq_len: int, records: np.ndarray | None = None,
                verify_hashes: bool = True):
@@ -81,14 +132,12 @@ class TokenStream:
       raise UserError(f'{data_dir} has no {split!r} split; it has {sorted(manifest["splits"])}')
     shards = [s for s in manifest['splits'][split]['shards'] if s['records']]
     _check_shards(Path(data_dir), shards, verify_hashes)
-    index = [np.load(Path(data_dir) / s['index']) for s in shards]
-    # Documents are numbered within a shard; offset them so that ids are unique.
-    doc_offsets = np.cumsum([0] + [s['documents'] for s in shards])
-    self.document = np.concatenate([i['document'] + o for i, o in zip(index, doc_offsets)])
-    self.start = np.concatenate([i['start'] for i in index])
-    length = np.concatenate([i['length'] for i in index])
-    self.records = np.arange(length.size) if records is None else np.asarray(records)
-    self.offsets = np.concatenate([[0], np.cumsum(length[self.records])])
+    self._dir, lock = _index_dir()
+    weakref.finalize(self, _remove_index, self._dir, lock, os.getpid())
+    total = sum(s['records'] for s in shards)
+    # Reading every record, the stream's k-th is record k: no array needed.
+    self.records = range(total) if records is None else self._write('records', np.asarray(records, np.int64))
+    self._write_index(Path(data_dir), shards, total)
     self.row_len = seq_len + 1
     self.num_rows = -(-int(self.offsets[-1]) // self.row_len)
     self.dtype = np.dtype(manifest['dtype'])
@@ -96,12 +145,55 @@ class TokenStream:
     self.shard_records = [s['records'] for s in shards]
     self._source = None
 
+  def _write_index(self, data_dir: Path, shards: list[dict], total: int) -> None:
+    """Fills document, start and offsets shard by shard, straight into their files, so
+    that the whole index is never in this process's memory."""
+    document, start = self._create('document', total), self._create('start', total)
+    offsets = self._create('offsets', len(self.records) + 1)
+    offsets[0] = 0
+    lo, at, documents = 0, 0, 0  # the shard's first record, stream record, document
+    for shard in shards:
+      hi = lo + shard['records']
+      with np.load(data_dir / shard['index']) as index:
+        # Documents are numbered within a shard; offset them so that ids are unique.
+        document[lo:hi] = index['document'] + documents
+        start[lo:hi] = index['start']
+        length = index['length']
+      if not isinstance(self.records, range):
+        length = length[self.records[np.searchsorted(self.records, lo):np.searchsorted(self.records, hi)] - lo]
+      offsets[at + 1:at + 1 + length.size] = offsets[at] + np.cumsum(length)
+      lo, at, documents = hi, at + length.size, documents + shard['documents']
+    for name, array in (('document', document), ('start', start), ('offsets', offsets)):
+      array.flush()
+      setattr(self, name, self._open(name))
+
+  def _path(self, name: str) -> str:
+    return os.path.join(self._dir, f'{name}.npy')
+
+  def _create(self, name: str, size: int) -> np.memmap:
+    return np.lib.format.open_memmap(self._path(name), mode='w+', dtype=np.int64, shape=(size,))
+
+  def _open(self, name: str) -> np.memmap:
+    return np.load(self._path(name), mmap_mode='r')
+
+  def _write(self, name: str, array: np.ndarray) -> np.memmap:
+    np.save(self._path(name), array)
+    return self._open(name)
+
   def __len__(self) -> int:
     return self.num_rows
 
   def __getstate__(self):
-    # Worker processes open their own readers.
-    return {**self.__dict__, '_source': None}
+    # A worker process maps this process's files rather than receive copies of the
+    # arrays, and opens its own readers.
+    mapped = [k for k, v in self.__dict__.items() if isinstance(v, np.memmap)]
+    return {**{k: v for k, v in self.__dict__.items() if k not in mapped}, '_source': None, '_mapped': mapped}
+
+  def __setstate__(self, state: dict) -> None:
+    mapped = state.pop('_mapped')
+    self.__dict__.update(state)
+    for name in mapped:
+      setattr(self, name, self._open(name))
 
   def _reader(self) -> grain.sources.ArrayRecordDataSource:
     if self._source is None:
@@ -134,9 +226,9 @@ class TokenStream:
       return {'tokens': tokens, 'segment_ids': segments, 'positions': positions}
     first = int(np.searchsorted(self.offsets, lo, side='right')) - 1
     last = int(np.searchsorted(self.offsets, hi, side='left'))
-    ids = self.records[first:last]
+    ids = np.asarray(self.records[first:last]).tolist()
     at, segment, previous = 0, 0, None
-    for k, raw in zip(range(first, last), self._reader().__getitems__(ids.tolist())):
+    for k, raw in zip(range(first, last), self._reader().__getitems__(ids)):
       record = self.records[k]
       begin, end = max(lo - self.offsets[k], 0), min(hi - self.offsets[k], self.offsets[k + 1] - self.offsets[k])
       piece = np.frombuffer(raw, self.dtype)[begin:end]
@@ -182,8 +274,16 @@ def _batches(rows: grain.MapDataset, stream: TokenStream, *, global_batch: int, 
     # Grain's worker processes read absl flags; salt is not an absl app, so take the defaults.
     if not absl.flags.FLAGS.is_parsed():
       absl.flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                        worker_init_fn=functools.partial(_start_worker, os.getpid()))
   return iter(ds)
+
+
+def _start_worker(parent_pid: int, index: int, count: int) -> None:
+  """A loader worker's set-up: it ends with the process it loads for, which may be
+  SIGKILLed and then cannot stop it."""
+  del index, count  # Grain passes the worker's place among its peers
+  processes.die_with_parent(parent_pid)
 
 
 def train_batches(stream: TokenStream, *, global_batch: int, seed: int, first_step: int, num_steps: int,

@@ -11,6 +11,7 @@ reads (trainer/hf_import.layouts), so export then import gives back the same par
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from trainer import checkpoint, step
 from trainer.errors import UserError
 from trainer.hf_import import WEIGHTS, WEIGHTS_INDEX, layouts
 from trainer.model import ModelConfig
-from trainer.prepare import TOKENIZER, file_sha256, read_manifest
+from trainer.prepare import TOKENIZER, read_manifest, tokenizer_sha256
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 
@@ -59,7 +60,7 @@ def _tokenizer(path: Path, config: dict, given: Path | None) -> Path:
   if not given and (data_dir / 'manifest.json').is_file():
     candidates.append(data_dir / read_manifest(data_dir)['tokenizer'])
   for candidate in candidates:
-    if candidate.is_file() and file_sha256(candidate) == want:
+    if candidate.is_file() and tokenizer_sha256(candidate) == want:
       return candidate
   if given:
     raise UserError(f'--tokenizer {str(given)!r} is not the tokenizer the checkpoint was trained with '
@@ -136,6 +137,8 @@ def export(path: Path, output: Path, *, tokenizer: Path | None = None, dtype: st
     raise UserError(f'{output} is not empty; export into a new directory')
   if dtype not in DTYPES:
     raise UserError(f'--dtype {dtype!r} must be one of {", ".join(DTYPES)}')
+  if not (math.isfinite(max_shard_gb) and max_shard_gb > 0):
+    raise UserError(f'--max-shard-gb {max_shard_gb} must be a positive number of GB')
   config, params = read_checkpoint(path)
   cfg = ModelConfig(**config['model'])
   sp_model = _tokenizer(path, config, tokenizer)

@@ -4,7 +4,7 @@ Reads a model directory as Hugging Face writes it (config.json; model.safetensor
 the shards that model.safetensors.index.json lists; tokenizer.model) and writes
   OUT/checkpoints/0    a salt checkpoint of the parameters, for `salt.teacher` and `salt score`
   OUT/config.json      its resolved salt config
-  OUT/tokenizer.model  the sentencepiece model, whose sha256 the config records, so that
+  OUT/tokenizer.model  the sentencepiece model, whose identity the config records, so that
                        the student's data is prepared with the teacher's tokenizer.
 
 Llama and Mistral store q_proj and k_proj in the rotate-half order that
@@ -19,6 +19,7 @@ model sits in host memory once.
 
 import contextlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from trainer import checkpoint, step
 from trainer.config import defaults, validate
 from trainer.errors import UserError
 from trainer.model import ModelConfig
-from trainer.prepare import TOKENIZER, file_sha256
+from trainer.prepare import TOKENIZER, tokenizer_sha256
 from trainer.train import versions
 
 CONFIG = 'config.json'
@@ -56,9 +57,12 @@ def read_config(model_dir: Path) -> dict:
   if not path.is_file():
     raise UserError(f'{model_dir} has no {CONFIG}; give the directory of a Hugging Face model')
   try:
-    return json.loads(path.read_text())
+    hf = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise UserError(f'{path} is not JSON: {e}') from None
+  if not isinstance(hf, dict):
+    raise UserError(f'{path} holds a JSON {type(hf).__name__}, not an object of settings')
+  return hf
 
 
 def model_settings(hf: dict) -> dict[str, Any]:
@@ -72,16 +76,25 @@ def model_settings(hf: dict) -> dict[str, Any]:
       vocab_size=_size(hf, 'vocab_size'), d_model=d_model, n_layers=_size(hf, 'num_hidden_layers'),
       n_heads=n_heads, n_kv_heads=_size(hf, 'num_key_value_heads', n_heads),
       head_dim=_size(hf, 'head_dim', d_model // n_heads), d_ff=_size(hf, 'intermediate_size'),
-      norm_eps=float(hf.get('rms_norm_eps', 1e-6)), tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      norm_eps=_positive(hf, 'rms_norm_eps', 1e-6), tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       **_rope_settings(hf))
 
 
-def _size(hf: dict, key: str, default: int | None = None) -> int:
+def _size(hf: dict, key: str, default: int | None = None, where: str = CONFIG) -> int:
   """A positive integer field of config.json (`default` where it is absent)."""
-  value = _field(hf, key) if default is None else hf.get(key) or default
+  value = _field(hf, key, where) if default is None else hf.get(key) or default
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise UserError(f'{CONFIG} {key}={value!r} must be a positive integer')
+    raise UserError(f'{where} {key}={value!r} must be a positive integer')
   return value
+
+
+def _positive(hf: dict, key: str, default: float | None = None, where: str = CONFIG) -> float:
+  """A positive finite number field of config.json (`default` where it is absent; a
+  null is not absent)."""
+  value = _field(hf, key, where) if default is None else hf.get(key, default)
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+    raise UserError(f'{where} {key}={value!r} must be a positive number')
+  return float(value)
 
 
 def _field(hf: dict, key: str, where: str = CONFIG) -> Any:
@@ -115,16 +128,17 @@ def _rope_settings(hf: dict) -> dict[str, Any]:
   transformers 5's rope_parameters."""
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
   kind = rope.get('rope_type', rope.get('type', 'default'))
-  settings = dict(rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))))
   where = f'{CONFIG} {"rope_parameters" if "rope_parameters" in hf else "rope_scaling"}'
+  theta = _positive(rope, 'rope_theta', where=where) if 'rope_theta' in rope else _positive(hf, 'rope_theta', 10000.0)
+  settings = dict(rope_theta=theta)
   if kind == 'linear':
-    settings.update(rope_scaling='linear', rope_scaling_factor=float(_field(rope, 'factor', where)))
+    settings.update(rope_scaling='linear', rope_scaling_factor=_positive(rope, 'factor', where=where))
   elif kind == 'llama3':
     settings.update(
-        rope_scaling='llama3', rope_scaling_factor=float(_field(rope, 'factor', where)),
-        rope_low_freq_factor=float(_field(rope, 'low_freq_factor', where)),
-        rope_high_freq_factor=float(_field(rope, 'high_freq_factor', where)),
-        rope_original_max_positions=int(_field(rope, 'original_max_position_embeddings', where)))
+        rope_scaling='llama3', rope_scaling_factor=_positive(rope, 'factor', where=where),
+        rope_low_freq_factor=_positive(rope, 'low_freq_factor', where=where),
+        rope_high_freq_factor=_positive(rope, 'high_freq_factor', where=where),
+        rope_original_max_positions=_size(rope, 'original_max_position_embeddings', where=where))
   elif kind != 'default':
     raise UserError(f'{where} type {kind!r} is not supported: salt implements default, linear and llama3 RoPE')
   return settings
@@ -267,8 +281,8 @@ def import_teacher(model_dir: Path, output: Path, *, tokenizer: Path | None = No
   config = defaults()
   config.model.update(model_settings(hf))
   sp_model = _tokenizer(model_dir, tokenizer, config.model.vocab_size)
-  config.data.update(seq_len=min(config.data.seq_len, hf.get('max_position_embeddings') or config.data.seq_len),
-                     tokenizer_sha256=file_sha256(sp_model))
+  config.data.update(seq_len=min(config.data.seq_len, _size(hf, 'max_position_embeddings', config.data.seq_len)),
+                     tokenizer_sha256=tokenizer_sha256(sp_model))
   validate(config, device_count=1)  # the model's settings; the mesh is whichever run loads the teacher
   cfg = ModelConfig(**config.model)
   _, params = step.abstract_model(cfg)

@@ -20,11 +20,13 @@ than mix or return stale shards, unless told to prepare it again (`overwrite`).
 import collections
 import glob
 import hashlib
+import io
+import itertools
 import json
+import logging
 import multiprocessing
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,8 +34,15 @@ import numpy as np
 import sentencepiece as spm
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from google.protobuf.message import DecodeError
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
 from trainer.errors import UserError
+from trainer.lock import RunLock
+from trainer.processes import die_with_parent
 from trainer.progress import bar as progress_bar
+
+log = logging.getLogger('salt')
 
 MANIFEST = 'manifest.json'
 SETTINGS = 'settings.json'
@@ -41,11 +50,18 @@ TOKENIZER = 'tokenizer.model'
 MAX_PROBLEMS = 1000
 # Bumped whenever the layout of a prepared directory changes.
 FORMAT = 1
+# Sentencepiece's limit on a training sentence (it drops longer ones) and its sample.
+MAX_SENTENCE_BYTES = 1 << 14
+SAMPLED_LINES = 2_000_000
+# A document longer than this many characters is encoded in parts (see _encode).
+PART_CHARS = 1 << 20
+PARTS_AT_ONCE = 8
 
 
 def expand(patterns: list[str]) -> list[Path]:
-  """Paths and globs -> existing files, in order; a pattern that matches nothing is an error."""
-  files = []
+  """Paths and globs -> existing files, in order, each once however many patterns match
+  it; a pattern that matches nothing is an error."""
+  files, seen = [], set()
   for pattern in patterns:
     is_glob = any(c in pattern for c in '*?[')
     matches = sorted(glob.glob(pattern, recursive=True)) if is_glob else [pattern]
@@ -55,8 +71,23 @@ def expand(patterns: list[str]) -> list[Path]:
     for path in matches:
       if path.suffix not in ('.txt', '.jsonl', '.parquet'):
         raise UserError(f'{path}: unsupported input type {path.suffix!r}; use .txt, .jsonl or .parquet')
-    files += matches
+      if path.resolve() not in seen:
+        seen.add(path.resolve())
+        files.append(path)
   return files
+
+
+def _check_inputs(splits: dict[str, list[Path]], output: Path) -> None:
+  """A file in both splits would be trained and validated on, and an output directory
+  that holds an input would be written over it: both are refused."""
+  if 'validation' in splits:
+    both = {f.resolve() for f in splits['train']} & {f.resolve() for f in splits['validation']}
+    if both:
+      raise UserError(f'{sorted(both)[0]} is both a training and a validation input; a file belongs to one split')
+  out = output.resolve()
+  for f in (f for files in splits.values() for f in files):
+    if f.resolve() == out or out in f.resolve().parents:
+      raise UserError(f'--output {output} holds the input {f}; give an --output outside the inputs')
 
 
 class Skips:
@@ -131,20 +162,70 @@ def _read_parquet(path: Path, column: str, skips: Skips) -> Iterator[str]:
 
 
 def train_tokenizer(documents: Iterator[str], vocab_size: int, model_path: Path) -> None:
-  """A BPE sentencepiece model that keeps newlines and indentation and falls back to bytes."""
-  lines = (line for doc in documents for line in doc.split('\n') if line.strip())
-  with tempfile.TemporaryDirectory() as tmp:
-    try:
-      spm.SentencePieceTrainer.train(
-          sentence_iterator=lines, model_prefix=f'{tmp}/sp', vocab_size=vocab_size, model_type='bpe',
-          byte_fallback=True, split_digits=True, normalization_rule_name='identity',
-          remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, user_defined_symbols=['\n'],
-          input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
-    except RuntimeError as e:
-      if 'sentences_.empty()' in str(e):
-        raise UserError('the inputs hold no text to train a vocabulary on (every document is empty or blank)') from None
-      raise UserError(f'sentencepiece could not train a {vocab_size}-token vocabulary: {e}') from None
-    _atomic_copy(Path(f'{tmp}/sp.model'), model_path)
+  """A BPE sentencepiece model that keeps newlines and indentation and falls back to bytes.
+
+  The model is a pure function of the documents and the settings: the same bytes on
+  every run and machine. Sentencepiece drops every sentence longer than its limit
+  without a word, so a longer line is cut into pieces within it; sentencepiece learns
+  from a sample of SAMPLED_LINES lines at most. Both are counted and logged.
+  """
+  counts = collections.Counter()
+  writer = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(documents, counts), model_writer=writer, vocab_size=vocab_size,
+        model_type='bpe', byte_fallback=True, split_digits=True, normalization_rule_name='identity',
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, user_defined_symbols=['\n'],
+        max_sentence_length=MAX_SENTENCE_BYTES, input_sentence_size=SAMPLED_LINES, shuffle_input_sentence=True,
+        minloglevel=2)
+  except RuntimeError as e:
+    if 'sentences_.empty()' in str(e):
+      raise UserError('the inputs hold no text to train a vocabulary on (every document is empty or blank)') from None
+    raise UserError(f'sentencepiece could not train a {vocab_size}-token vocabulary: {e}') from None
+  log.info('tokenizer: %d-token vocabulary learned from %s of %d lines%s', vocab_size,
+           f'a sample of {SAMPLED_LINES}' if counts['lines'] > SAMPLED_LINES else 'all',
+           counts['lines'], f' ({counts["cut"]} lines over {MAX_SENTENCE_BYTES} bytes cut into pieces)'
+           if counts['cut'] else '')
+  partial = model_path.with_name(model_path.name + '.partial')
+  partial.write_bytes(writer.getvalue())
+  os.replace(partial, model_path)
+
+
+def _sentences(documents: Iterator[str], counts: collections.Counter) -> Iterator[str]:
+  """The non-blank lines of the documents, each within MAX_SENTENCE_BYTES."""
+  for doc in documents:
+    for line in doc.split('\n'):
+      if not line.strip():
+        continue
+      if len(line.encode('utf-8')) <= MAX_SENTENCE_BYTES:
+        counts['lines'] += 1
+        yield line
+        continue
+      counts['cut'] += 1
+      # A character is at most 4 bytes: pieces of MAX_SENTENCE_BYTES // 4 characters fit,
+      # cut after the last space of a piece's second half where there is one.
+      width = MAX_SENTENCE_BYTES // 4
+      while line:
+        cut = len(line) if len(line) <= width else (line.rfind(' ', width // 2, width) + 1 or width)
+        counts['lines'] += 1
+        yield line[:cut]
+        line = line[cut:]
+
+
+def tokenizer_sha256(path: Path) -> str:
+  """The identity of a sentencepiece model: a hash of what decides how it tokenizes (its
+  pieces, their scores and kinds, the normalizer and the encoding algorithm), not of
+  fields that only record how it was trained, so equal tokenizers compare equal."""
+  model = sp_pb2.ModelProto()
+  try:
+    model.ParseFromString(Path(path).read_bytes())
+  except DecodeError:
+    raise UserError(f'{path} is not a sentencepiece model') from None
+  spec = model.trainer_spec
+  kept = sp_pb2.TrainerSpec(model_type=spec.model_type, byte_fallback=spec.byte_fallback,
+                            treat_whitespace_as_suffix=spec.treat_whitespace_as_suffix)
+  model.trainer_spec.CopyFrom(kept)
+  return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -164,7 +245,9 @@ def _atomic_copy(source: Path, target: Path) -> None:
 _worker_tokenizer: spm.SentencePieceProcessor | None = None
 
 
-def _load_tokenizer(path: str) -> None:
+def _start_worker(path: str, parent_pid: int) -> None:
+  """A worker's set-up: it ends with `salt prepare` rather than write on for a killed run."""
+  die_with_parent(parent_pid)
   global _worker_tokenizer
   _worker_tokenizer = spm.SentencePieceProcessor(model_file=path)
 
@@ -180,15 +263,27 @@ def _tokenize_file(task: dict) -> dict:
   writer = ArrayRecordWriter(str(shard) + '.partial', 'group_size:1')
   docs = read_documents(Path(task['source']), txt_split=task['txt_split'], text_field=task['text_field'],
                         text_column=task['text_column'], skips=skips)
-  for doc_index, ids in enumerate(_encode_batches(sp, docs)):
-    ids = np.asarray(ids + [sp.eos_id()], dtype=dtype)
-    counts += np.bincount(ids, minlength=counts.size)
-    for start in range(0, ids.size, limit):
-      piece = ids[start:start + limit]
-      writer.write(piece.tobytes())
-      documents.append(doc_index)
-      starts.append(start)
-      lengths.append(piece.size)
+
+  def write(record: np.ndarray, doc_index: int, start: int) -> None:
+    nonlocal counts
+    writer.write(record.tobytes())
+    counts += np.bincount(record, minlength=counts.size)
+    documents.append(doc_index)
+    starts.append(start)
+    lengths.append(record.size)
+
+  end = np.array([sp.eos_id()], dtype)
+  for doc_index, pieces in enumerate(_encode(sp, docs, _newline_cut(sp))):
+    # Records are cut as the document's ids arrive, so a long one is never held whole.
+    held, start = np.zeros(0, dtype), 0
+    for ids in itertools.chain(pieces, [end]):
+      held = np.concatenate([held, ids.astype(dtype)])
+      whole = held.size - held.size % limit
+      for at in range(0, whole, limit):
+        write(held[at:at + limit], doc_index, start + at)
+      held, start = held[whole:], start + whole
+    if held.size:
+      write(held, doc_index, start)
   writer.close()
   os.replace(str(shard) + '.partial', shard)
   with open(output / f'{stem}.index.npz.partial', 'wb') as f:
@@ -206,15 +301,59 @@ def _tokenize_file(task: dict) -> dict:
   return summary
 
 
-def _encode_batches(sp: spm.SentencePieceProcessor, docs: Iterator[str], size: int = 256) -> Iterator[list[int]]:
+def _encode(sp: spm.SentencePieceProcessor, docs: Iterator[str], newline: list[int] | None,
+            size: int = 256) -> Iterator[Iterator[np.ndarray]]:
+  """Each document's token ids, in pieces. Documents are encoded `size` at a time
+  (sentencepiece spreads a batch over threads); one longer than PART_CHARS is encoded
+  in parts, each cut after a newline, where `newline` (what `_newline_cut` found) says
+  that gives the ids of the whole: a 1 GB .txt file is never encoded whole."""
   batch = []
   for doc in docs:
-    batch.append(doc)
-    if len(batch) == size:
-      yield from sp.encode(batch)
-      batch = []
-  if batch:
-    yield from sp.encode(batch)
+    if newline is None or len(doc) <= PART_CHARS:
+      batch.append(doc)
+      if len(batch) == size:
+        yield from ([np.asarray(ids, np.int32)] for ids in sp.encode(batch))
+        batch = []
+      continue
+    yield from ([np.asarray(ids, np.int32)] for ids in sp.encode(batch))
+    batch = []
+    yield _encode_parts(sp, doc, newline)
+  yield from ([np.asarray(ids, np.int32)] for ids in sp.encode(batch))
+
+
+def _encode_parts(sp: spm.SentencePieceProcessor, doc: str, newline: list[int]) -> Iterator[np.ndarray]:
+  parts = _parts(doc)
+  yield np.asarray(sp.encode(next(parts)), np.int32)
+  # Encoded behind a newline, a part is tokenized as it is inside the document.
+  while group := ['\n' + part for part in itertools.islice(parts, PARTS_AT_ONCE)]:
+    for ids in sp.encode(group):
+      yield np.asarray(ids[len(newline):], np.int32)
+
+
+def _parts(text: str) -> Iterator[str]:
+  """`text` in parts of at least PART_CHARS characters, each cut after a newline."""
+  start = 0
+  while start < len(text):
+    cut = text.find('\n', start + PART_CHARS)
+    end = len(text) if cut < 0 else cut + 1
+    yield text[start:end]
+    start = end
+
+
+def _newline_cut(sp: spm.SentencePieceProcessor) -> list[int] | None:
+  """The ids of a lone newline, where a text cut after a newline encodes as the two
+  parts do (the part after it encoded behind a newline, whose ids are dropped): the
+  normalizer leaves text as it is and no piece but the newline's holds a newline, so
+  no token spans the cut. None where that does not hold."""
+  model = sp_pb2.ModelProto()
+  model.ParseFromString(sp.serialized_model_proto())
+  normalizer = model.normalizer_spec
+  if normalizer.name != 'identity' or normalizer.remove_extra_whitespaces or normalizer.precompiled_charsmap:
+    return None
+  if any('\n' in p.piece and p.piece != '\n' for p in model.pieces):
+    return None
+  newline = sp.encode('\n')
+  return newline if sp.encode('\nx')[:len(newline)] == newline else None
 
 
 def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab_size: int = 32000,
@@ -230,9 +369,12 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
   again instead).
   """
   output = Path(output)
+  if max_record_tokens < 1:
+    raise UserError(f'--max-record-tokens {max_record_tokens} must be positive')
   splits = {'train': expand(train)}
   if validation:
     splits['validation'] = expand(validation)
+  _check_inputs(splits, output)
   if tokenizer and not Path(tokenizer).is_file():
     raise UserError(f'tokenizer {str(tokenizer)!r} does not exist')
   settings = {
@@ -243,23 +385,28 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
       'txt_split': txt_split, 'text_field': text_field, 'text_column': text_column,
       'max_record_tokens': max_record_tokens,
   }
-  _claim(output, settings, overwrite)
-  if (output / MANIFEST).exists():
-    return read_manifest(output)
+  with RunLock.beside(output / SETTINGS, flag='--output'):
+    _claim(output, settings, overwrite)
+    if (output / MANIFEST).exists():
+      return read_manifest(output)
+    return _fill(output, splits, settings, tokenizer, vocab_size, workers, progress)
+
+
+def _fill(output: Path, splits: dict[str, list[Path]], settings: dict, tokenizer: Path | None, vocab_size: int,
+          workers: int | None, progress: bool) -> dict:
+  """Writes the tokenizer, the shards the directory lacks and the manifest; returns it."""
+  reading = {k: settings[k] for k in ('txt_split', 'text_field', 'text_column')}
   model_path = output / TOKENIZER
   if tokenizer:
     _atomic_copy(Path(tokenizer), model_path)
   elif not model_path.exists():
-    docs = (d for f in splits['train']
-            for d in read_documents(f, txt_split=txt_split, text_field=text_field, text_column=text_column,
-                                    skips=Skips()))
-    train_tokenizer(docs, vocab_size, model_path)
+    train_tokenizer((d for f in splits['train'] for d in read_documents(f, **reading, skips=Skips())), vocab_size,
+                    model_path)
 
   sp = spm.SentencePieceProcessor(model_file=str(model_path))
   dtype = '<u2' if sp.vocab_size() <= 2**16 else '<u4'
   tasks = [dict(source=str(f), output=str(output), stem=f'{split}-{i:05d}', dtype=dtype,
-                max_record_tokens=max_record_tokens, txt_split=txt_split, text_field=text_field,
-                text_column=text_column)
+                max_record_tokens=settings['max_record_tokens'], **reading)
            for split, files in splits.items() for i, f in enumerate(files)]
   summaries = {t['stem']: json.loads((output / f'{t["stem"]}.json').read_text())
                for t in tasks if (output / f'{t["stem"]}.json').exists()}
@@ -268,15 +415,16 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
   bar = progress_bar(len(tasks), len(tasks) - len(todo), enabled=progress, unit='file')
   if todo:
     # spawn, not fork: the caller may have started JAX's threads.
-    with multiprocessing.get_context('spawn').Pool(workers, _load_tokenizer, (str(model_path),)) as pool:
+    with multiprocessing.get_context('spawn').Pool(workers, _start_worker, (str(model_path), os.getpid())) as pool:
       for task, summary in zip(todo, pool.imap(_tokenize_file, todo)):
         summaries[task['stem']] = summary
         bar.update(1)
   bar.close()
   by_split = {split: [summaries[t['stem']] for t in tasks if t['stem'].startswith(split + '-')] for split in splits}
-  manifest = _manifest(by_split, output, sp, model_path, dtype, max_record_tokens)
+  manifest = _manifest(by_split, output, sp, model_path, dtype, settings['max_record_tokens'])
   if not manifest['splits']['train']['tokens']:
-    raise UserError(f'no document of {train} could be read; see the problems: {manifest["problems"][:3]}')
+    sources = [str(f) for f in splits['train']]
+    raise UserError(f'no document of {sources} could be read; see the problems: {manifest["problems"][:3]}')
   partial = output / (MANIFEST + '.partial')
   partial.write_text(json.dumps(manifest, indent=2))
   os.replace(partial, output / MANIFEST)
@@ -302,7 +450,7 @@ def _manifest(by_split: dict[str, list[dict]], output: Path, sp: spm.SentencePie
   return {
       'format': FORMAT,
       'tokenizer': TOKENIZER,
-      'tokenizer_sha256': file_sha256(model_path),
+      'tokenizer_sha256': tokenizer_sha256(model_path),
       'vocab_size': sp.vocab_size(),
       'eos_id': sp.eos_id(),
       'dtype': np.dtype(dtype).name,
@@ -318,28 +466,52 @@ def _manifest(by_split: dict[str, list[dict]], output: Path, sp: spm.SentencePie
 
 def _claim(output: Path, settings: dict, overwrite: bool) -> None:
   """Makes `output` this preparation's: new, or made with the same settings, or (with
-  `overwrite`) emptied of what an earlier one wrote. Raises UserError otherwise."""
-  # A settings file that never got its name is no preparation's.
-  ours = [p for pattern in (MANIFEST, SETTINGS, TOKENIZER, '*.partial', 'train-*', 'validation-*')
-          for p in output.glob(pattern) if p.name != SETTINGS + '.partial'] if output.is_dir() else []
-  path = output / SETTINGS
-  if ours and not overwrite:
-    before = json.loads(path.read_text()) if path.exists() else None
-    if before == settings:
-      return
-    changed = ('it was made by an earlier salt, which did not record them' if before is None else
-               ', '.join(k for k in settings if before.get(k) != settings[k]) + ' differ')
-    raise UserError(f'{output} holds data prepared from other inputs or settings ({changed}); give another '
+  `overwrite`) emptied of the files an earlier preparation's settings.json lists. Never
+  deletes or overwrites a file salt did not write: raises UserError instead."""
+  recorded = _recorded_settings(output)
+  if recorded == settings:
+    return
+  if recorded is not None and not overwrite:
+    changed = ', '.join(k for k in settings if recorded.get(k) != settings[k])
+    raise UserError(f'{output} holds data prepared from other inputs or settings ({changed} differ); give another '
                     '--output, or --overwrite to prepare it again')
-  for p in ours:
-    if p.is_dir():
-      shutil.rmtree(p)
-    else:
-      p.unlink()
+  ours = set(_written_names(recorded)) if recorded is not None else {SETTINGS + '.partial'}
+  clashes = [n for n in _written_names(settings) if n not in ours and os.path.lexists(output / n)]
+  if clashes:
+    earlier = ' (an earlier salt, which did not record them, or another program)' if recorded is None else ''
+    raise UserError(f'{output} holds {", ".join(clashes[:3])}{" ..." if len(clashes) > 3 else ""}, which salt '
+                    f'would write but did not write here{earlier}; give another --output, or move them')
+  for name in ours:
+    path = output / name
+    if path.is_file() or path.is_symlink():
+      path.unlink()
   output.mkdir(parents=True, exist_ok=True)
   partial = output / (SETTINGS + '.partial')
   partial.write_text(json.dumps(settings, indent=2))
-  os.replace(partial, path)
+  os.replace(partial, output / SETTINGS)
+
+
+def _recorded_settings(output: Path) -> dict | None:
+  """The settings.json of a preparation of `output`; None where there is none."""
+  path = output / SETTINGS
+  if not path.is_file():
+    return None
+  try:
+    recorded = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path} cannot be read ({e}); give another --output') from None
+  if not isinstance(recorded, dict) or not isinstance(recorded.get('inputs'), dict):
+    raise UserError(f'{path} is not the settings of a salt preparation; give another --output')
+  return recorded
+
+
+def _written_names(settings: dict) -> list[str]:
+  """The names a preparation with `settings` writes in its directory."""
+  names = [SETTINGS, MANIFEST, TOKENIZER]
+  for split, inputs in settings['inputs'].items():
+    for i in range(len(inputs)):
+      names += [f'{split}-{i:05d}.arrayrecord', f'{split}-{i:05d}.index.npz', f'{split}-{i:05d}.json']
+  return names + [name + '.partial' for name in names]
 
 
 def read_manifest(directory: Path) -> dict:

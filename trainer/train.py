@@ -70,10 +70,21 @@ def select(selection: ml_collections.ConfigDict, manifest: dict, data_dir: Path)
     path = data_dir / path
   if not path.is_file():
     raise UserError(f'data.selection.scores={selection.scores!r} does not exist')
-  scores = np.load(path)
+  if path.suffix != '.npy':
+    raise UserError(f'data.selection.scores={selection.scores!r} is not a .npy file of scores; salt score writes '
+                    'one (its summary is the .json beside it)')
+  try:
+    scores = np.load(path)
+  except (ValueError, EOFError):  # cut short, not an array, or pickled objects
+    raise UserError(f'{path} cannot be read as a .npy array; write it again with salt score') from None
+  if not isinstance(scores, np.ndarray):  # a .npz archive under a .npy name
+    scores.close()
+    raise UserError(f'{path} cannot be read as a .npy array: it is an archive; write it again with salt score')
   records = manifest['splits']['train']['records']
   if scores.shape != (records,):
     raise UserError(f'{path} holds {scores.shape} scores; the training split has {records} records')
+  if not np.issubdtype(scores.dtype, np.floating):
+    raise UserError(f'{path} holds {scores.dtype} values; scores are floats (NaN: unscored), as salt score writes')
   return data.select_records(scores, rule=selection.rule, keep_fraction=selection.keep_fraction,
                              band=(selection.band_low, selection.band_high))
 
@@ -439,11 +450,30 @@ def write_run_config(run: Run, data_changes: list[str]) -> None:
           'ids_sha256': run.fingerprint['selection_sha256']} if selection is not None else None
   run.workdir.mkdir(parents=True, exist_ok=True)
   written = run.workdir / 'config.json'
-  history = json.loads(written.read_text()).get('data_changes', []) if written.exists() else []
+  history = _recorded_data_changes(written)
   if data_changes:
     history.append({'step': run.first_step, 'changes': data_changes})
-  written.write_text(json.dumps({'config': run.resolved, 'selection': kept, 'versions': run.versions,
+  # Written beside it, then renamed over it: a write cut short leaves the previous file whole.
+  partial = run.workdir / 'config.json.partial'
+  partial.write_text(json.dumps({'config': run.resolved, 'selection': kept, 'versions': run.versions,
                                  'data_changes': history}, indent=2))
+  partial.replace(written)
+
+
+def _recorded_data_changes(written: epath.Path) -> list[dict]:
+  """The data changes that earlier starts recorded in RUN/config.json (none without it).
+  Raises UserError when the file is not what salt writes."""
+  if not written.exists():
+    return []
+  remedy = ('restore it, or delete it to record this run afresh (forgetting the data changes allowed on '
+            'earlier resumes, which it lists)')
+  try:
+    recorded = json.loads(written.read_text())
+  except ValueError as e:  # not JSON, or not text
+    raise UserError(f'{written} is damaged (not JSON: {e}): {remedy}') from None
+  if not isinstance(recorded, dict) or not isinstance(recorded.get('data_changes', []), list):
+    raise UserError(f'{written} is damaged (not the object salt writes): {remedy}')
+  return recorded.get('data_changes', [])
 
 
 def describe(run: Run) -> None:
