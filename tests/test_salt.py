@@ -3,6 +3,8 @@
 import json
 import logging
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ from tests.runs import logged
 from trainer import data, salt, sharding, step, train
 from trainer.config import mesh_shape
 from trainer.errors import UserError
-from trainer.score import score, windows
+from trainer.score import Windows, batch_scores, score
 
 
 @pytest.mark.parametrize('schedule, expected', [
@@ -120,7 +122,8 @@ def numpy_scores(teacher_path, data_dir, top_k):
   teacher = salt.load_teacher(teacher_path, mesh, sharding.parse_rules(meta['sharding']),
                               data.read_manifest(data_dir)['tokenizer_sha256'])
   stream = data.TokenStream(data_dir, 'train', L)
-  records, starts = windows(stream, L)
+  every_window = Windows(stream.offsets, L, every=1)
+  records, starts, _ = every_window.at(0, every_window.count)
   tokens = np.zeros((records.size, L + 1), np.int32)
   for i, (record, start) in enumerate(zip(records, starts)):
     piece = stream.record_tokens([record])[0][start:start + L + 1]
@@ -233,21 +236,11 @@ def test_a_partial_score_file_is_continued_only_with_the_settings_that_made_it(t
                                                                                monkeypatch):
   """Issue 16: a resumed `salt score` with another --top-k (or teacher) continued the old
   partial file, mixing two definitions of the score under the new one's name."""
-  from trainer import score as score_module
-
   output = tmp_path / 'scores.npy'
-  monkeypatch.setattr(score_module, 'SAVE_EVERY', 1)
-
-  def killed(*args):
-    raise KeyboardInterrupt  # the job dies after every batch is saved, before the scores are written
-
-  with monkeypatch.context() as patch:
-    patch.setattr(score_module, 'median_per_record', killed)
-    with pytest.raises(KeyboardInterrupt):
-      score(teacher_path, tiny_data, top_k=3, batch_size=8, output=output, progress=False)
-  partial = tmp_path / 'scores.npy.partial.npz'
+  run_scores(teacher_path, tiny_data, output, monkeypatch, stop_at=10)
+  partial = tmp_path / 'scores.npy.partial'
   assert partial.exists() and not output.exists()
-  with pytest.raises(UserError, match=r'scores.npy.partial.npz holds scores made with other settings \(top_k 3 -> 5\); '
+  with pytest.raises(UserError, match=r'scores.npy.partial holds scores made with other settings \(top_k 3 -> 5\); '
                                       'run with those to continue it, or with --restart to score from the start'):
     score(teacher_path, tiny_data, top_k=5, batch_size=8, output=output, progress=False)
   restarted = score(teacher_path, tiny_data, top_k=5, batch_size=8, output=output, progress=False, restart=True)
@@ -271,3 +264,216 @@ def test_micro_batches_give_the_update_of_the_whole_batch_in_both_stages(tiny_da
   assert results[1][0].keys() == results[4][0].keys() >= {'loss', 'ce', 'kd', 'grad_norm', 'top1_agreement'}
   for got, want in zip(jax.tree.leaves(results[4]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope='module')
+def fresh_scores(tiny_data, teacher_path, tmp_path_factory):
+  """The scores of the tiny corpus (top 3, batch 8) from one uninterrupted run."""
+  output = tmp_path_factory.mktemp('fresh') / 'scores.npy'
+  score(teacher_path, tiny_data, top_k=3, batch_size=8, output=output, progress=False)
+  return np.load(output)
+
+
+def run_scores(teacher_path, data_dir, output, monkeypatch, stop_at=None, seen=None) -> int:
+  """`salt score` (top 3, batch 8) into `output`; with `stop_at`, killed as batch `stop_at`
+  starts (the batches before it are done). `seen(batch)` is called as each batch starts.
+  Returns how many batches it started."""
+  from trainer import score as score_module
+
+  read, started = score_module._host_batch, []
+
+  def host_batch(*args):
+    if seen:
+      seen(len(started))
+    if len(started) == stop_at:
+      raise KeyboardInterrupt
+    started.append(1)
+    return read(*args)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(score_module, '_host_batch', host_batch)
+    try:
+      score(teacher_path, data_dir, top_k=3, batch_size=8, output=output, progress=False)
+    except KeyboardInterrupt:
+      assert stop_at is not None
+  return len(started)
+
+
+def progress_files(directory) -> list:
+  return sorted(p for p in directory.rglob('*') if p.is_file() and 'partial' in str(p.relative_to(directory)))
+
+
+def test_a_killed_score_resumes_where_it_stopped_with_the_same_scores(tiny_data, teacher_path, fresh_scores,
+                                                                       tmp_path, monkeypatch):
+  """Issue 23: progress was saved every 50 batches only (a kill lost up to 49); a resumed
+  run must give the uninterrupted run's scores bit for bit."""
+  output = tmp_path / 'scores.npy'
+  run_scores(teacher_path, tiny_data, output, monkeypatch, stop_at=60)
+  assert not output.exists() and progress_files(tmp_path)
+  again = run_scores(teacher_path, tiny_data, output, monkeypatch)
+  total = -(-windows_count(tiny_data, seq_len=32) // 8)
+  assert total > 60 and again <= total - 60 + 2  # a record spanning the kill is read again, no more
+  np.testing.assert_array_equal(np.load(output), fresh_scores)
+  assert not progress_files(tmp_path)
+
+
+def windows_count(data_dir, seq_len: int) -> int:
+  lengths = np.diff(data.TokenStream(data_dir, 'train', seq_len).offsets)
+  return int(np.maximum(-(-(lengths - 1) // seq_len), 0).sum())
+
+
+@pytest.mark.parametrize('damage', ['torn tail', 'damaged middle'])
+def test_a_torn_or_damaged_progress_file_is_cut_to_its_last_whole_entry(tiny_data, teacher_path, fresh_scores,
+                                                                       tmp_path, monkeypatch, caplog, damage):
+  """Issue 23: a run killed while writing its progress left a file that the next run
+  could not read (a traceback); it must continue from what is whole, to the same scores."""
+  output = tmp_path / 'scores.npy'
+  run_scores(teacher_path, tiny_data, output, monkeypatch, stop_at=60)
+  for path in progress_files(tmp_path):
+    if path.suffix != '.json':
+      raw = bytearray(path.read_bytes())
+      if damage == 'torn tail':
+        path.write_bytes(raw[:-5])
+      else:
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(raw)
+  with caplog.at_level(logging.WARNING, logger='salt'):
+    run_scores(teacher_path, tiny_data, output, monkeypatch)
+  np.testing.assert_array_equal(np.load(output), fresh_scores)
+  assert 'not whole' in caplog.text
+
+
+def test_the_progress_file_is_appended_with_what_each_batch_completed(tiny_data, teacher_path, tmp_path,
+                                                                       monkeypatch):
+  """Issue 23: the progress file held every window's losses and was rewritten whole every
+  50 batches (writes growing with the square of the corpus). It must grow by each batch's
+  completed records, appended, and never hold more than a few bytes per window scored."""
+  sizes = []
+
+  def seen(batch):
+    files = progress_files(tmp_path)
+    sizes.append((batch, {p: (p.stat().st_ino, p.stat().st_size) for p in files}))
+
+  run_scores(teacher_path, tiny_data, tmp_path / 'scores.npy', monkeypatch, seen=seen)
+  for batch, files in sizes:
+    assert sum(size for _, size in files.values()) <= 1024 + 16 * 8 * batch
+  for (_, before), (_, after) in zip(sizes, sizes[1:]):
+    for path, (inode, size) in before.items():
+      assert after[path][0] == inode and after[path][1] >= size  # appended in place, never replaced
+  assert sum(s for _, s in sizes[-1][1].values()) > sum(s for _, s in sizes[2][1].values()) > 0
+
+
+def test_score_refuses_bad_arguments_before_scoring(tiny_data, teacher_path, tmp_path, monkeypatch, capsys):
+  """Issue 23, C: each of these scored first (or silently used another value), then
+  failed, overwrote the scores with the summary, or overwrote the data's manifest."""
+  from trainer import cli
+  from trainer import score as score_module
+
+  def scoring(*args):
+    raise AssertionError('scoring started')
+
+  monkeypatch.setattr(score_module, '_scorer', scoring)
+  (tmp_path / 'dir.npy').mkdir()
+  cases = {
+      ('--output', str(tmp_path / 's.json')): f'--output {tmp_path}/s.json must end in .npy',
+      ('--output', str(tmp_path / 'dir.npy')): f'--output {tmp_path}/dir.npy is a directory',
+      ('--output', str(tiny_data / 'manifest.npy')):
+          f'--output {tiny_data}/manifest.npy: its summary {tiny_data}/manifest.json exists and is not a salt score',
+      ('--batch', '-8'): '--batch -8 must be >= 1',
+      ('--batch', '0'): '--batch 0 must be >= 1',
+      ('--top-k', '321'): '--top-k 321 is more than the 320 tokens of the vocabulary',
+  }
+  for args, message in cases.items():
+    code = cli.main(['score', '--teacher', teacher_path, '--data', str(tiny_data), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f'salt: error: {message}') and err.count('\n') == 1, (args, err)
+  assert not (tmp_path / 's.json').exists()
+
+
+def test_a_second_score_of_one_output_is_refused(tiny_data, teacher_path, tmp_path):
+  """Issue 23, 9: two `salt score` on one output were not refused."""
+  output = tmp_path / 'scores.npy'
+  code = ('import time; from trainer.lock import RunLock\n'
+          f'with RunLock.beside({str(output)!r}):\n'
+          '  print("held", flush=True); time.sleep(60)\n')
+  holder = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    with pytest.raises(UserError, match=rf'^{output} is in use by process {holder.pid} on .*; stop that job first, '
+                                        'or give this one another --output$'):
+      score(teacher_path, tiny_data, top_k=3, batch_size=8, output=output, progress=False)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert not (tmp_path / 'scores.npy.partial').exists()
+
+
+def test_a_selection_of_a_file_that_holds_no_scores_is_one_line(tiny_data, tmp_path):
+  """Issue 23, C: a .json (the summary), a damaged .npy, or an array of another kind
+  failed in train with a traceback."""
+  manifest = data.read_manifest(tiny_data)
+  n = manifest['splits']['train']['records']
+  (tmp_path / 'scores.json').write_text('{"top_k": 3}')
+  (tmp_path / 'text.npy').write_text('not an array')
+  np.save(tmp_path / 'cut.npy', np.zeros(n, np.float32))
+  (tmp_path / 'cut.npy').write_bytes((tmp_path / 'cut.npy').read_bytes()[:-8])
+  np.save(tmp_path / 'ints.npy', np.arange(n))
+  np.save(tmp_path / 'square.npy', np.zeros((n, 2), np.float32))
+  with open(tmp_path / 'zipped.npy', 'wb') as f:
+    np.savez(f, scores=np.zeros(n, np.float32))
+  cases = {
+      'scores.json': 'is not a .npy file',
+      'text.npy': 'cannot be read as a .npy array',
+      'cut.npy': 'cannot be read as a .npy array',
+      'ints.npy': 'holds int64 values',
+      'square.npy': fr'holds \({n}, 2\) scores',
+      'zipped.npy': 'cannot be read as a .npy array',
+  }
+  for name, message in cases.items():
+    selection = tiny_config(tiny_data).data.selection
+    selection.scores = str(tmp_path / name)
+    with pytest.raises(UserError, match=message):
+      train.select(selection, manifest, tiny_data)
+
+
+@pytest.mark.slow
+def test_two_processes_score_as_one(tiny_data, teacher_path, fresh_scores, tmp_path):
+  """Issue 23: each of 2 processes appends the records it completes, process 0 joins the
+  parts. The last batch holds one window, so process 1's rows of it are all past the end:
+  it failed there, reading no records."""
+  from trainer import cli
+
+  output = tmp_path / 'scores.npy'
+  assert windows_count(tiny_data, seq_len=32) % 8 <= 4
+  assert cli.main(['launch', 'local', '--processes', '2', '--devices-per-process', '4', '--', 'salt', 'score',
+                   '--teacher', teacher_path, '--data', str(tiny_data), '--top-k', '3', '--batch', '8',
+                   '--output', str(output)]) == 0
+  got = np.load(output)
+  # The same program on the same 8 devices; only the processes' collectives (gloo) may sum in another order.
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(fresh_scores))
+  np.testing.assert_allclose(got, fresh_scores, rtol=1e-5)
+  assert json.loads(output.with_suffix('.json').read_text())['scored'] == int(np.isfinite(fresh_scores).sum())
+  assert not (tmp_path / 'scores.npy.partial').exists()
+
+
+@pytest.mark.parametrize('batch', [1, 2, 5, 64])
+def test_batch_scores_equal_the_median_of_each_whole_record(batch):
+  """Records spanning batches (a batch of 1 window splits every one) carry their losses
+  until their last window: each score is the median of all its learnable losses."""
+  rng = np.random.default_rng(0)
+  counts = rng.integers(0, 4, size=30)  # windows per record; 0: too short to predict anything
+  windows = Windows(np.concatenate([[0], np.cumsum(np.where(counts, counts * 8 - 4, 1))]), seq_len=8, every=1)
+  assert windows.count == counts.sum()
+  loss = rng.random((windows.count, 8), dtype=np.float32)
+  learnable = rng.random((windows.count, 8)) < 0.3
+  got, carry = {}, None
+  for first in range(0, windows.count, batch):
+    j, _, last = windows.at(first, first + batch)
+    done, scores, carry = batch_scores(j, last, loss[first:first + j.size], learnable[first:first + j.size], carry)
+    got.update(zip(done.tolist(), scores))
+  assert carry is None and sorted(got) == np.flatnonzero(counts).tolist()
+  j_all = windows.at(0, windows.count)[0]
+  for record, value in got.items():
+    values = loss[j_all == record][learnable[j_all == record]]
+    want = np.median(values) if values.size else np.nan
+    np.testing.assert_array_equal(value, np.float32(want))

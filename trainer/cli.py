@@ -148,9 +148,11 @@ def parser() -> argparse.ArgumentParser:
   sc.add_argument('--batch', type=int, help="windows per batch (default: the teacher run's global batch)")
   sc.add_argument('--every', type=int, default=1,
                   help='score every n-th record only; the others are never selected (default: all)')
-  sc.add_argument('--output', help='where to write the scores (default: DATA/scores.npy)')
+  sc.add_argument('--output', help='where to write the scores, a .npy file (default: DATA/scores.npy); the summary '
+                  'goes beside it ending in .json, the progress in OUTPUT.partial/ (with several processes: on '
+                  'storage they share)')
   sc.add_argument('--restart', action='store_true',
-                  help='score from the start, discarding a partial file made with other settings')
+                  help='score from the start, discarding the progress made with other settings')
   sc.set_defaults(run=_score)
 
   dr = sub.add_parser(
