@@ -1,6 +1,11 @@
 """What the tests share: a made-up corpus and a model small enough for a CPU."""
 
+import contextlib
 import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 from trainer.config import defaults
 
@@ -34,3 +39,18 @@ def tiny_config(data_dir=None):
   c.eval.update(every_steps=20, batches=2)
   c.log.every_steps = 5
   return c
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(output: Path) -> Iterator[int]:
+  """Another process holds the lock of the single-file output `output`; yields its pid."""
+  code = ('import sys, time; from trainer.lock import RunLock\n'
+          'with RunLock.beside(sys.argv[1]):\n'
+          '  print("held", flush=True); time.sleep(60)\n')
+  holder = subprocess.Popen([sys.executable, '-c', code, str(output)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    yield holder.pid
+  finally:
+    holder.kill()
+    holder.wait()

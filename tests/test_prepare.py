@@ -15,7 +15,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from tests.helpers import WORDS, write_corpus
+from tests.helpers import WORDS, lock_held_elsewhere, write_corpus
 from trainer import prepare as prepare_module
 from trainer.errors import UserError
 from trainer.prepare import prepare, tokenizer_sha256
@@ -200,18 +200,10 @@ def test_a_second_prepare_of_one_output_is_refused(tmp_path, sp_model):
   """Issue 23, 9: two prepares on one output were not refused."""
   inputs = corpus(tmp_path / 'in', 2, seed=10)
   out = tmp_path / 'out'
-  code = ('import sys, time; from pathlib import Path; from trainer.lock import RunLock\n'
-          f'with RunLock.beside(Path({str(out)!r}) / "settings.json", flag="--output"):\n'
-          '  print("held", flush=True); time.sleep(60)\n')
-  holder = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline() == 'held\n'
-    with pytest.raises(UserError, match=rf'settings.json is in use by process {holder.pid} on .*; stop that job '
-                                        'first, or give this one another --output'):
+  with lock_held_elsewhere(out / 'settings.json') as pid:
+    with pytest.raises(UserError, match=rf'settings.json is in use by process {pid} on .*; stop that job first, '
+                                        'or give this one another --output'):
       prepare(inputs, out, tokenizer=str(sp_model), workers=1)
-  finally:
-    holder.kill()
-    holder.wait()
   assert prepare(inputs, out, tokenizer=str(sp_model), workers=1)['splits']['train']['documents'] == 2
 
 

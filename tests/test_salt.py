@@ -3,8 +3,6 @@
 import json
 import logging
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import tiny_config
+from tests.helpers import lock_held_elsewhere, tiny_config
 from tests.runs import logged
 from trainer import data, salt, sharding, step, train
 from trainer.config import mesh_shape
@@ -393,18 +391,10 @@ def test_score_refuses_bad_arguments_before_scoring(tiny_data, teacher_path, tmp
 def test_a_second_score_of_one_output_is_refused(tiny_data, teacher_path, tmp_path):
   """Issue 23, 9: two `salt score` on one output were not refused."""
   output = tmp_path / 'scores.npy'
-  code = ('import time; from trainer.lock import RunLock\n'
-          f'with RunLock.beside({str(output)!r}):\n'
-          '  print("held", flush=True); time.sleep(60)\n')
-  holder = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline() == 'held\n'
-    with pytest.raises(UserError, match=rf'^{output} is in use by process {holder.pid} on .*; stop that job first, '
+  with lock_held_elsewhere(output) as pid:
+    with pytest.raises(UserError, match=rf'^{output} is in use by process {pid} on .*; stop that job first, '
                                         'or give this one another --output$'):
       score(teacher_path, tiny_data, top_k=3, batch_size=8, output=output, progress=False)
-  finally:
-    holder.kill()
-    holder.wait()
   assert not (tmp_path / 'scores.npy.partial').exists()
 
 
