@@ -2,6 +2,7 @@
 
 import jax
 import optax
+from flax import nnx
 
 
 def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, decay: str,
@@ -17,9 +18,10 @@ def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, decay
   return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-def decay_mask(params):
-  """Weight decay on matrices only: norm scales are not decayed."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: 'norm' not in jax.tree_util.keystr(path), params)
+def decay_mask(params: nnx.State) -> nnx.State:
+  """Weight decay on matrices only, told by each parameter's logical axes (two or more
+  besides the stack of layers), not by its name: norm scales and biases are not decayed."""
+  return jax.tree.map(lambda axes: sum(a != 'layers' for a in axes) >= 2, nnx.get_partition_spec(params))
 
 
 def make_optimizer(schedule: optax.Schedule, *, b1: float, b2: float, eps: float,
