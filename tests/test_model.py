@@ -1,10 +1,13 @@
 """The Transformer: document isolation in packed rows, logical axes, parameter count."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trainer import step
 from trainer.model import ModelConfig, Transformer, param_count, rope_frequencies, rotary
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
@@ -71,3 +74,19 @@ def test_rotary_preserves_norm_and_encodes_relative_position():
 
   np.testing.assert_allclose(jnp.linalg.norm(rotary(q, jnp.array([[7]]), freq)), jnp.linalg.norm(q), rtol=1e-6)
   np.testing.assert_allclose(score(3, 1), score(12, 10), rtol=1e-5)
+
+
+def test_the_fields_marked_as_deciding_shapes_are_those_that_do():
+  """Issue 24: the checkpoint's shape check read a list written by hand; it is derived
+  from the schema, and the schema is checked against the parameters the model makes."""
+  base = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
+  shapes = lambda cfg: jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(step.abstract_model(cfg)[1]))
+  changed = {'vocab_size': 96, 'd_model': 24, 'n_layers': 3, 'n_heads': 4, 'n_kv_heads': 2, 'head_dim': 4,
+             'd_ff': 48, 'tie_embeddings': True, 'rope_theta': 500.0, 'rope_scaling': 'linear',
+             'rope_scaling_factor': 2.0, 'rope_low_freq_factor': 2.0, 'rope_high_freq_factor': 8.0,
+             'rope_original_max_positions': 64, 'norm_eps': 1e-6, 'init_std': 0.1, 'dtype': 'float32',
+             'remat': 'save_nothing'}
+  assert set(changed) == {f.name for f in dataclasses.fields(ModelConfig)}  # a new field must be listed here
+  deciding = {key for key, value in changed.items()
+              if shapes(dataclasses.replace(base, **{key: value})) != shapes(base)}
+  assert deciding == set(ModelConfig.shape_keys())

@@ -29,6 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from trainer.errors import UserError
+from trainer.model import ModelConfig
 
 log = logging.getLogger('salt')
 
@@ -170,15 +171,11 @@ def read_meta(path: epath.PathLike, named: str) -> dict:
     raise UserError(f'{named}: cannot read its metadata ({type(e).__name__})') from None
 
 
-# The model settings that decide the shapes of the parameters.
-SHAPE_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'tie_embeddings')
-
-
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, model: dict | None) -> tuple[Any, dict]:
   if model is not None:
     meta = manager.restore(step, args=ocp.args.Composite(meta=_MetaRestore())).meta
     saved = meta.get('config', {}).get('model', {})
-    differing = [k for k in SHAPE_KEYS if k in saved and saved[k] != model[k]]
+    differing = [k for k in ModelConfig.shape_keys() if k in saved and saved[k] != model[k]]
     if differing:
       raise UserError(
           f'the checkpoint at step {step} in {manager.directory} is of another model: '

@@ -29,16 +29,22 @@ DTYPES = ('float32', 'bfloat16')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
 
 
+def _shapes(default):
+  """A field that decides the shapes of the parameters (a checkpoint of another value
+  cannot be restored into this model)."""
+  return dataclasses.field(default=default, metadata={'shapes': True})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model's settings: the config's `model` group, whose keys and defaults these are."""
-  vocab_size: int = 32000
-  d_model: int = 512
-  n_layers: int = 8
-  n_heads: int = 8
-  n_kv_heads: int = 8
-  head_dim: int = 64
-  d_ff: int = 1408
+  vocab_size: int = _shapes(32000)
+  d_model: int = _shapes(512)
+  n_layers: int = _shapes(8)
+  n_heads: int = _shapes(8)
+  n_kv_heads: int = _shapes(8)
+  head_dim: int = _shapes(64)
+  d_ff: int = _shapes(1408)
   rope_theta: float = 10000.0
   # Rotary frequencies rescaled for contexts longer than the model was trained on, as
   # Hugging Face's `rope_scaling` (see rope_frequencies, and models imported with `salt
@@ -49,12 +55,17 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_positions: int = 8192
   norm_eps: float = 1e-5
-  tie_embeddings: bool = False
+  tie_embeddings: bool = _shapes(False)
   init_std: float = 0.02
   dtype: str = 'bfloat16'  # compute dtype (one of DTYPES); parameters are always float32
   # What the backward pass keeps of each layer (one of REMAT_POLICIES); the rest is
   # recomputed. 'attention' is the attention output and the flash kernels' residuals.
   remat: str = 'save_everything'
+
+  @classmethod
+  def shape_keys(cls) -> tuple[str, ...]:
+    """The settings that decide the shapes of the parameters."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get('shapes'))
 
   def problems(self) -> list[str]:
     """What is wrong with these settings, one line each, named as config keys."""
