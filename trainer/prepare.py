@@ -307,18 +307,21 @@ def _encode(sp: spm.SentencePieceProcessor, docs: Iterator[str], newline: list[i
   (sentencepiece spreads a batch over threads); one longer than PART_CHARS is encoded
   in parts, each cut after a newline, where `newline` (what `_newline_cut` found) says
   that gives the ids of the whole: a 1 GB .txt file is never encoded whole."""
+  def encoded(batch: list[str]) -> Iterator[list[np.ndarray]]:
+    return ([np.asarray(ids, np.int32)] for ids in sp.encode(batch))
+
   batch = []
   for doc in docs:
     if newline is None or len(doc) <= PART_CHARS:
       batch.append(doc)
       if len(batch) == size:
-        yield from ([np.asarray(ids, np.int32)] for ids in sp.encode(batch))
+        yield from encoded(batch)
         batch = []
       continue
-    yield from ([np.asarray(ids, np.int32)] for ids in sp.encode(batch))
+    yield from encoded(batch)
     batch = []
     yield _encode_parts(sp, doc, newline)
-  yield from ([np.asarray(ids, np.int32)] for ids in sp.encode(batch))
+  yield from encoded(batch)
 
 
 def _encode_parts(sp: spm.SentencePieceProcessor, doc: str, newline: list[int]) -> Iterator[np.ndarray]:
@@ -385,7 +388,7 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
       'txt_split': txt_split, 'text_field': text_field, 'text_column': text_column,
       'max_record_tokens': max_record_tokens,
   }
-  with RunLock.beside(output / SETTINGS, flag='--output'):
+  with RunLock.beside(output / SETTINGS):
     _claim(output, settings, overwrite)
     if (output / MANIFEST).exists():
       return read_manifest(output)
@@ -405,9 +408,9 @@ def _fill(output: Path, splits: dict[str, list[Path]], settings: dict, tokenizer
 
   sp = spm.SentencePieceProcessor(model_file=str(model_path))
   dtype = '<u2' if sp.vocab_size() <= 2**16 else '<u4'
-  tasks = [dict(source=str(f), output=str(output), stem=f'{split}-{i:05d}', dtype=dtype,
+  tasks = [dict(source=str(f), output=str(output), stem=stem, dtype=dtype,
                 max_record_tokens=settings['max_record_tokens'], **reading)
-           for split, files in splits.items() for i, f in enumerate(files)]
+           for stem, f in zip(_stems(splits), (f for files in splits.values() for f in files))]
   summaries = {t['stem']: json.loads((output / f'{t["stem"]}.json').read_text())
                for t in tasks if (output / f'{t["stem"]}.json').exists()}
   todo = [t for t in tasks if t['stem'] not in summaries]
@@ -508,10 +511,14 @@ def _recorded_settings(output: Path) -> dict | None:
 def _written_names(settings: dict) -> list[str]:
   """The names a preparation with `settings` writes in its directory."""
   names = [SETTINGS, MANIFEST, TOKENIZER]
-  for split, inputs in settings['inputs'].items():
-    for i in range(len(inputs)):
-      names += [f'{split}-{i:05d}.arrayrecord', f'{split}-{i:05d}.index.npz', f'{split}-{i:05d}.json']
+  for stem in _stems(settings['inputs']):
+    names += [f'{stem}.arrayrecord', f'{stem}.index.npz', f'{stem}.json']
   return names + [name + '.partial' for name in names]
+
+
+def _stems(inputs: dict[str, list]) -> list[str]:
+  """The names of the shards of each split's inputs, in order: task i of a split writes {split}-{i:05d}.*"""
+  return [f'{split}-{i:05d}' for split, files in inputs.items() for i in range(len(files))]
 
 
 def read_manifest(directory: Path) -> dict:
