@@ -70,6 +70,8 @@ else
   check attention 60 $PYTHON -m bench.attention
   check step-save_matmuls_and_attention 110 $PYTHON -m bench.step "${slm[@]}" --steps 10 \
     --config.model.remat=save_matmuls_and_attention --profile "$out/profile"
+  # A trace is hundreds of files; one archive keeps it from crowding out the results.
+  [ -d "$out/profile" ] && tar -czf "$out/profile.tgz" -C "$out" profile && rm -rf "$out/profile"
   if [ -f "$liger" ] && $PYTHON -c 'import torch, liger_kernel' 2>/dev/null; then
     check liger 60 env BT=8192 DS=2048 DT=1024 VS=32768,131072,262144 $PYTHON "$liger"
     grep '^{' "$out/liger.log" > "$out/liger.jsonl"
