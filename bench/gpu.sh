@@ -4,7 +4,7 @@
 #   SALT_COMMIT=$(git rev-parse --short HEAD) bench/gpu.sh [--out DIR]    (on the GPU)
 #   PYTHON=.venv/bin/python bench/gpu.sh --small --out /tmp/gpu-small      (on a CPU, small shapes)
 #
-# Installs the wheels in .whl/ when there is one (../shared/device/wheels.sh fills it;
+# Installs the wheels in .whl/ when there is one (`../shared/device/wheels.sh tokenizers==0.23.3` fills it;
 # copy ../shared/bench/liger_kd.py there too, since a device gets the working tree only),
 # then, most important first: attention per layer and its parity with the XLA reference
 # (bench/attention.py); the 1.47B student's step and MFU for three remat policies

@@ -134,9 +134,9 @@ def main():
     teacher = tokenizer = None
     for scale in sorted(args.scales):
       data_dir = tmp / f'x{scale}'
-      prepare([str(write_documents(tmp / f'x{scale}.jsonl', docs * scale, seed=scale))], data_dir,
-              vocab_size=320, tokenizer=tokenizer, max_record_tokens=64, workers=1)
-      tokenizer = tokenizer or data_dir / 'tokenizer.model'
+      manifest = prepare([str(write_documents(tmp / f'x{scale}.jsonl', docs * scale, seed=scale))], data_dir,
+                         vocab_size=320, tokenizer=tokenizer, max_record_tokens=64, workers=1)
+      tokenizer = tokenizer or data_dir / manifest['tokenizer']
       teacher = teacher or tiny_teacher(data_dir, tmp / 'teacher')
       figures = measure(teacher, data_dir, args.batch)
       record('score_scale_loop_peak_bytes_per_record', figures['loop_peak_per_record'], scale=scale,

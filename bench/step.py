@@ -95,7 +95,7 @@ def main():
       step_seconds(program, batch, 3, config.seed)
 
   impl = attention.choose(config.attention.impl, mesh.devices.flat[0].platform, jnp.dtype(model_cfg.dtype),
-                          seq_len, model_cfg.head_dim)
+                          seq_len, model_cfg.head_dim, model_cfg.sliding_window)
   times = split(config, model_cfg, mesh, impl)
   tokens_per_sec = config.data.global_batch_size * seq_len / step_s
   model_flops_per_sec = flops_per_token(model_cfg, seq_len) * tokens_per_sec

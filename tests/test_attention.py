@@ -1,4 +1,5 @@
-"""Attention inside the documents of packed rows: every implementation against the XLA reference.
+"""Attention inside the documents of packed rows: every implementation against the XLA
+reference and, in sliding windows, against attention written out in float64 NumPy.
 
 On CPU the Pallas kernels (pallas_gpu, splash) run in interpret mode; cudnn needs a
 GPU, so only its choice is tested here. Tolerances: float32 agrees to 2e-5 (the
@@ -79,6 +80,80 @@ def test_the_reference_keeps_documents_apart():
                                 attention.reference(q, k2, v2, segments)[0, 70:130])
 
 
+def explicit_mask(segments, window: int) -> np.ndarray:
+  """[B, L, L]: Hugging Face's sliding window from positions, not as the module builds it."""
+  segments = np.asarray(segments)
+  i, j = np.arange(L)[:, None], np.arange(L)[None, :]
+  in_window = (i - j < window) if window else True
+  return (segments[:, :, None] == segments[:, None, :]) & (j <= i) & in_window
+
+
+def explicit_attention(q, k, v, segments, window: int, cotangent):
+  """Output and gradients of q, k, v, in float64 NumPy, the backward written out."""
+  q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, cotangent))
+  k, v = (np.repeat(x, H // K, axis=2) for x in (k, v))
+  scores = np.einsum('bqhe,bkhe->bhqk', q, k) * E ** -0.5
+  scores = np.where(explicit_mask(segments, window)[:, None], scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  out = np.einsum('bhqk,bkhe->bqhe', p, v)
+  d_p = np.einsum('bqhe,bkhe->bhqk', d_out, v)
+  d_scores = p * (d_p - (d_p * p).sum(-1, keepdims=True)) * E ** -0.5
+  dq = np.einsum('bhqk,bkhe->bqhe', d_scores, k)
+  dk, dv = np.einsum('bhqk,bqhe->bkhe', d_scores, q), np.einsum('bhqk,bqhe->bkhe', p, d_out)
+  per_kv_head = lambda x: x.reshape(B, L, K, H // K, E).sum(3)  # the query heads that share it
+  return out, dq, per_kv_head(dk), per_kv_head(dv)
+
+
+def assert_equals_explicit(kernel, window: int, sharding=None):
+  segments = packed_rows()
+  q, k, v = jax.device_put(qkv(jnp.float32), sharding)
+  cotangent = jax.random.normal(jax.random.key(1), (B, L, H, E))
+
+  @jax.jit
+  def forward_and_backward(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v, segments, window=window), q, k, v)
+    return (out, *vjp(cotangent))
+
+  for got, want in zip(forward_and_backward(q, k, v), explicit_attention(q, k, v, segments, window, cotangent)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('window', [0, 1, 3, 100, L + 50])
+def test_the_window_mask_is_hugging_faces(window):
+  np.testing.assert_array_equal(attention.document_mask(packed_rows(), window)[:, 0],
+                                explicit_mask(packed_rows(), window))
+
+
+@pytest.mark.parametrize('impl, window', [('xla', 0), ('xla', 1), ('xla', 3), ('xla', L + 50),
+                                          ('splash', 0), ('splash', 1), ('splash', 3), ('splash', L + 50),
+                                          ('pallas_gpu', 0)])
+def test_each_kernel_equals_the_explicit_attention_in_every_window(impl, window):
+  assert_equals_explicit(attention.make_attention(impl), window)
+
+
+def test_a_windowed_kernel_sharded_over_2_2_2_equals_the_explicit_attention():
+  mesh = mesh_222()
+  kernel = attention.make_attention('splash', mesh=mesh, batch_axes=('data', 'fsdp'), head_axes=('tensor',),
+                                    kv_head_axes=('tensor',))
+  # One callable, a shard_map'd kernel per window.
+  for window in (3, 0):
+    assert_equals_explicit(kernel, window, NamedSharding(mesh, P(('data', 'fsdp'), None, 'tensor', None)))
+
+
+@pytest.mark.parametrize('impl', ['xla', 'splash', 'pallas_gpu'])
+def test_no_window_is_the_call_without_one(impl):
+  kernel = attention.make_attention(impl)
+  q, k, v = qkv(jnp.float32)
+  np.testing.assert_array_equal(kernel(q, k, v, packed_rows(), window=0), kernel(q, k, v, packed_rows()))
+
+
+def test_pallas_gpu_refuses_a_window():
+  q, k, v = qkv(jnp.float32)
+  with pytest.raises(ValueError, match='no sliding window, and window=4'):
+    attention.make_attention('pallas_gpu')(q, k, v, packed_rows(), window=4)
+
+
 def model_config(remat='save_matmuls_and_attention'):
   c = tiny_config()
   c.model.update(n_heads=4, n_kv_heads=2, head_dim=32, remat=remat)
@@ -156,6 +231,25 @@ def test_auto_chooses_the_fastest_that_can_run(backend, dtype, seq_len, head_dim
   assert attention.choose('auto', backend, dtype, seq_len, head_dim) == chosen
 
 
+@pytest.mark.parametrize('backend, dtype, window, chosen', [
+    ('gpu', jnp.bfloat16, 1, 'cudnn'),
+    ('gpu', jnp.bfloat16, 4096, 'cudnn'),
+    ('gpu', jnp.float32, 4096, 'xla'),  # pallas_gpu has no window
+    ('tpu', jnp.bfloat16, 4096, 'splash'),
+])
+def test_auto_with_a_window_never_chooses_pallas_gpu(backend, dtype, window, chosen):
+  assert attention.choose('auto', backend, dtype, 2048, 128, window=window) == chosen
+
+
+@pytest.mark.parametrize('window, message', [
+    (4, 'pallas_gpu attention has no sliding window, and window=4'),
+    (-1, 'the attention window must be 0 \\(none\\) or positive, not -1'),
+])
+def test_a_window_that_cannot_run_is_a_value_error(window, message):
+  with pytest.raises(ValueError, match=message):
+    attention.choose('pallas_gpu', 'gpu', jnp.bfloat16, 2048, 128, window=window)
+
+
 def test_auto_logs_its_choice_and_what_it_passed_over(caplog):
   attention._log_choice.cache_clear()
   with caplog.at_level(logging.INFO, logger='salt'):
@@ -197,12 +291,14 @@ def test_pallas_gpu_lowers_to_triton_for_an_h100():
   assert '512x512' not in text  # no [L, L] scores or mask anywhere
 
 
-def test_splash_lowers_for_mosaic_tpu():
+@pytest.mark.parametrize('window', [0, 100])
+def test_splash_lowers_for_mosaic_tpu(window):
   kernel = attention.make_attention('splash', interpret=False)
   shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
 
   def forward_and_backward(q, k, v, segments):
-    return jax.grad(lambda q, k, v: kernel(q, k, v, segments).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
+    return jax.grad(lambda q, k, v: kernel(q, k, v, segments, window=window).astype(jnp.float32).sum(),
+                    (0, 1, 2))(q, k, v)
 
   exported = jax.export.export(jax.jit(forward_and_backward), platforms=['tpu'])(
       shape(2, 1024, 4, 128), shape(2, 1024, 2, 128), shape(2, 1024, 2, 128), shape(2, 1024, dtype=jnp.int32))

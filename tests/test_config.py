@@ -43,6 +43,12 @@ def test_int_is_accepted_for_a_float_key():
     (['--config.mesh.fsdp=-1'], 'mesh data=-1 fsdp=-1 tensor=1 has more than one axis set to -1'),
     (['--config.model.remat=some'], "model.remat='some' must be one of ('save_everything', 'save_nothing', 'save_matmuls', 'save_attention', 'save_matmuls_and_attention')"),
     (['--config.model.n_kv_heads=3'], 'model.n_heads=4 must be a multiple of model.n_kv_heads=3'),
+    # Issue 24: the families' switches.
+    (['--config.model.family=gpt2'], "model.family='gpt2' must be one of ('llama', 'mistral', 'qwen2', 'gemma3_text')"),
+    (['--config.model.mlp_activation=relu'], "model.mlp_activation='relu' must be one of ('silu', 'gelu_tanh')"),
+    (['--config.model.sliding_window=-4'], 'model.sliding_window=-4 must not be negative'),
+    (['--config.model.global_layer_every=6'],
+     'model.global_layer_every and model.rope_local_theta apply to sliding-window layers: set model.sliding_window'),
     # Issue 16: zeros that were a ZeroDivisionError, a traceback, or "validation loss 0.000".
     (['--config.model.n_kv_heads=0'], 'model.n_kv_heads=0 must be positive'),
     (['--config.model.d_ff=0'], 'model.d_ff=0 must be positive'),

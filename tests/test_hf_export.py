@@ -1,4 +1,4 @@
-"""`salt export`: a salt checkpoint as a Hugging Face Llama model that salt imports back bit for bit."""
+"""`salt export`: a salt checkpoint as a Hugging Face model of its family that salt imports back bit for bit."""
 
 import json
 from pathlib import Path
@@ -29,7 +29,8 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize('case', ['gqa-untied-float32', 'tied-sharded-bfloat16', 'rope-llama3'])
+@pytest.mark.parametrize('case', ['gqa-untied-float32', 'tied-sharded-bfloat16', 'rope-llama3', 'mistral-sliding-window',
+                                  'qwen2-biases-tied', 'gemma3-windowed-and-global-layers'])
 def test_export_then_import_gives_back_the_same_parameters_bit_for_bit(case, sp_model, tmp_path):
   hf, layout = CASES[case]
   first = import_teacher(write_model(tmp_path / 'hf', hf, random_weights(hf), tokenizer=sp_model, **layout),
@@ -43,6 +44,7 @@ def test_export_then_import_gives_back_the_same_parameters_bit_for_bit(case, sp_
   assert {k: exported[k] for k in hf if k in exported and k != 'max_position_embeddings'} == {
       k: hf[k] for k in hf if k in exported and k != 'max_position_embeddings'} | (
       {'rope_scaling': exported['rope_scaling']} if hf.get('rope_scaling') else {})
+  assert exported['architectures'] == hf['architectures']
   tokenizer_config = json.loads((tmp_path / 'exported' / 'tokenizer_config.json').read_text())
   assert tokenizer_config['add_bos_token'] is False  # salt's documents never begin with BOS
 
@@ -72,7 +74,7 @@ def test_a_bad_checkpoint_a_used_output_or_a_wrong_tokenizer_is_one_line(tiny_da
   (tmp_path / 'used' / 'x').write_text('')
   assert cli.main(['export', first['checkpoint'], str(tmp_path / 'used')]) == 2
   assert 'is not empty; export into a new directory' in capsys.readouterr().err
-  with pytest.raises(UserError, match='config.json is not a sentencepiece model'):
+  with pytest.raises(UserError, match='config.json is neither a sentencepiece model nor a Hugging Face'):
     export(first['checkpoint'], tmp_path / 'out', tokenizer=tmp_path / 'hf' / 'config.json')
   (tmp_path / 'other').mkdir()
   prepare(write_corpus(tmp_path / 'other', 4, seed=5), tmp_path / 'other' / 'data', vocab_size=300, workers=1)
@@ -110,9 +112,7 @@ def test_the_config_names_salt_s_architecture_for_hugging_face():
   cfg = ModelConfig(**tiny_config().model)
 
   class Pieces:
-    def bos_id(self): return 1
-    def eos_id(self): return 2
-    def pad_id(self): return -1
+    bos_id, eos_id, pad_id = 1, 2, None
 
   config = hf_config(cfg, 32, Pieces(), 'float32')
   assert config['architectures'] == ['LlamaForCausalLM'] and 'pad_token_id' not in config

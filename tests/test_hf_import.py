@@ -17,7 +17,8 @@ from trainer import cli, salt, sharding, step
 from trainer.errors import UserError
 from trainer.hf_import import import_teacher
 from trainer.model import ModelConfig
-from trainer.prepare import file_sha256, tokenizer_sha256
+from trainer.prepare import file_sha256
+from trainer.tokenizer import sentencepiece_sha256 as tokenizer_sha256
 from trainer.score import score
 
 V = 320  # the vocabulary of the tiny_data fixture's tokenizer, which the model ships
@@ -46,10 +47,11 @@ def random_weights(hf: dict, seed: int = 0) -> dict[str, np.ndarray]:
   def linear(out, inp):
     return rng.normal(0, inp ** -0.5, (out, inp)).astype(np.float32)
 
-  def norm():
-    return (1 + 0.2 * rng.normal(size=D)).astype(np.float32)
+  def norm(size=D):
+    return (1 + 0.2 * rng.normal(size=size)).astype(np.float32)
 
-  w = {'model.embed_tokens.weight': rng.normal(size=(V, D)).astype(np.float32), 'model.norm.weight': norm()}
+  w = {'model.embed_tokens.weight': rng.normal(size=(hf['vocab_size'], D)).astype(np.float32),
+       'model.norm.weight': norm()}
   for i in range(hf['num_hidden_layers']):
     p = f'model.layers.{i}.'
     w.update({p + 'input_layernorm.weight': norm(), p + 'post_attention_layernorm.weight': norm(),
@@ -57,8 +59,14 @@ def random_weights(hf: dict, seed: int = 0) -> dict[str, np.ndarray]:
               p + 'self_attn.v_proj.weight': linear(K * E, D), p + 'self_attn.o_proj.weight': linear(D, H * E),
               p + 'mlp.gate_proj.weight': linear(F, D), p + 'mlp.up_proj.weight': linear(F, D),
               p + 'mlp.down_proj.weight': linear(D, F)})
+    if hf['model_type'] == 'qwen2':
+      w.update({p + f'self_attn.{x}_proj.bias': rng.normal(0, 0.5, n * E).astype(np.float32)
+                for x, n in (('q', H), ('k', K), ('v', K))})
+    if hf['model_type'] == 'gemma3_text':
+      w.update({p + 'pre_feedforward_layernorm.weight': norm(), p + 'post_feedforward_layernorm.weight': norm(),
+                p + 'self_attn.q_norm.weight': norm(E), p + 'self_attn.k_norm.weight': norm(E)})
   if not hf['tie_word_embeddings']:
-    w['lm_head.weight'] = linear(V, D)
+    w['lm_head.weight'] = linear(hf['vocab_size'], D)
   return w
 
 
@@ -103,13 +111,15 @@ def reference_inv_freq(hf: dict) -> np.ndarray:
 
 
 def reference_logits(hf: dict, weights: dict, tokens: np.ndarray) -> np.ndarray:
-  """[L, V] logits of LlamaForCausalLM on one sequence."""
+  """[L, V] logits of the Hugging Face model (LlamaForCausalLM, or the Mistral, Qwen2 or
+  Gemma 3 one its model_type names) on one sequence."""
   w = {k: v.astype(np.float64) for k, v in weights.items()}
   _, H, K, E, _ = dims(hf)
   eps, L = hf['rms_norm_eps'], len(tokens)
+  gemma = hf['model_type'] == 'gemma3_text'
 
   def rms_norm(x, scale):
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * (1 + scale if gemma else scale)
 
   def rotate_half(x):
     return np.concatenate([-x[..., E // 2:], x[..., :E // 2]], axis=-1)
@@ -117,25 +127,42 @@ def reference_logits(hf: dict, weights: dict, tokens: np.ndarray) -> np.ndarray:
   def heads(x, n):  # [L, n*E] -> [n, L, E]
     return x.reshape(L, n, E).transpose(1, 0, 2)
 
-  freqs = np.outer(np.arange(L), reference_inv_freq(hf))
-  cos, sin = np.cos(np.concatenate([freqs, freqs], -1)), np.sin(np.concatenate([freqs, freqs], -1))
+  def rotation(inv_freq):
+    freqs = np.outer(np.arange(L), inv_freq)
+    return np.cos(np.concatenate([freqs, freqs], -1)), np.sin(np.concatenate([freqs, freqs], -1))
+
+  def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
   causal = np.tril(np.ones((L, L), bool))
-  x = w['model.embed_tokens.weight'][tokens]
+  distance = np.arange(L)[:, None] - np.arange(L)[None]
+  x = w['model.embed_tokens.weight'][tokens] * (np.sqrt(hf['hidden_size']) if gemma else 1)
   for i in range(hf['num_hidden_layers']):
     p = f'model.layers.{i}.'
+    windowed = hf.get('sliding_window') and (not gemma or hf['layer_types'][i] == 'sliding_attention')
+    cos, sin = rotation(reference_inv_freq({**hf, 'rope_scaling': None, 'rope_theta': hf['rope_local_base_freq']}
+                                           if gemma and windowed else hf))
     h = rms_norm(x, w[p + 'input_layernorm.weight'])
-    q = heads(h @ w[p + 'self_attn.q_proj.weight'].T, H)
-    k = heads(h @ w[p + 'self_attn.k_proj.weight'].T, K)
-    v = heads(h @ w[p + 'self_attn.v_proj.weight'].T, K)
+    q, k, v = (heads(h @ w[p + f'self_attn.{n}_proj.weight'].T + w.get(p + f'self_attn.{n}_proj.bias', 0), m)
+               for n, m in (('q', H), ('k', K), ('v', K)))
+    if gemma:
+      q, k = rms_norm(q, w[p + 'self_attn.q_norm.weight']), rms_norm(k, w[p + 'self_attn.k_norm.weight'])
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     k, v = np.repeat(k, H // K, axis=0), np.repeat(v, H // K, axis=0)  # repeat_kv
-    scores = np.where(causal, q @ k.transpose(0, 2, 1) / np.sqrt(E), -np.inf)
+    visible = causal & (distance < hf['sliding_window']) if windowed else causal
+    scores = np.where(visible, q @ k.transpose(0, 2, 1) / np.sqrt(E), -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    x = x + (probs @ v).transpose(1, 0, 2).reshape(L, H * E) @ w[p + 'self_attn.o_proj.weight'].T
-    h = rms_norm(x, w[p + 'post_attention_layernorm.weight'])
+    out = (probs @ v).transpose(1, 0, 2).reshape(L, H * E) @ w[p + 'self_attn.o_proj.weight'].T
+    if gemma:
+      x = x + rms_norm(out, w[p + 'post_attention_layernorm.weight'])
+      h = rms_norm(x, w[p + 'pre_feedforward_layernorm.weight'])
+    else:
+      x = x + out
+      h = rms_norm(x, w[p + 'post_attention_layernorm.weight'])
     gate, up = h @ w[p + 'mlp.gate_proj.weight'].T, h @ w[p + 'mlp.up_proj.weight'].T
-    x = x + (gate / (1 + np.exp(-gate)) * up) @ w[p + 'mlp.down_proj.weight'].T
+    out = ((gelu_tanh(gate) if gemma else gate / (1 + np.exp(-gate))) * up) @ w[p + 'mlp.down_proj.weight'].T
+    x = x + (rms_norm(out, w[p + 'post_feedforward_layernorm.weight']) if gemma else out)
   lm_head = w['model.embed_tokens.weight'] if hf['tie_word_embeddings'] else w['lm_head.weight']
   return rms_norm(x, w['model.norm.weight']) @ lm_head.T
 
@@ -157,9 +184,10 @@ def teacher_logits(checkpoint: str, tokens: np.ndarray) -> np.ndarray:
   return np.asarray(jax.jit(forward)(teacher.params, jnp.asarray(tokens)[None]))[0]
 
 
-def bf16(weights: dict) -> dict:
-  """The weights as the teacher holds them."""
-  return {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in weights.items()}
+def bf16(weights: dict, hf: dict | None = None) -> dict:
+  """The weights as the teacher holds them (Gemma's norms as 1 + w)."""
+  offset = {k: float(hf is not None and hf['model_type'] == 'gemma3_text' and 'norm' in k) for k in weights}
+  return {k: (v + offset[k]).astype(ml_dtypes.bfloat16).astype(np.float32) - offset[k] for k, v in weights.items()}
 
 
 LLAMA3 = {'rope_type': 'llama3', 'factor': 4.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
@@ -178,6 +206,19 @@ CASES = {
                                  dict(dtype=np.float16)),
     'rope-parameters-of-transformers-5': (
         llama_config(rope_theta=None, rope_scaling=None, rope_parameters={**LLAMA3, 'rope_theta': 100.0}), {}),
+    # Issue 24: the families. A window shorter than the 24 tokens, on every layer (Mistral)
+    # or on all but every 2nd, with its own RoPE base (Gemma 3).
+    'mistral-sliding-window': (llama_config(architectures=['MistralForCausalLM'], model_type='mistral',
+                                            sliding_window=5), {}),
+    'qwen2-biases-tied': (llama_config(architectures=['Qwen2ForCausalLM'], model_type='qwen2',
+                                       tie_word_embeddings=True, rope_theta=1000.0), {}),
+    'gemma3-windowed-and-global-layers': (
+        llama_config(architectures=['Gemma3ForCausalLM'], model_type='gemma3_text', num_hidden_layers=3,
+                     hidden_act='gelu_pytorch_tanh', tie_word_embeddings=True, head_dim=8, query_pre_attn_scalar=8,
+                     sliding_window=5, sliding_window_pattern=2, rope_theta=1000.0, rope_local_base_freq=10.0,
+                     rope_scaling={'rope_type': 'linear', 'factor': 2.0},
+                     layer_types=['sliding_attention', 'full_attention', 'sliding_attention']),
+        dict(shards=2, dtype=ml_dtypes.bfloat16)),
 }
 
 
@@ -188,7 +229,7 @@ def test_the_imported_teacher_computes_the_logits_of_the_hugging_face_model(case
   weights = {k: v.astype(dtype).astype(np.float32) for k, v in random_weights(hf).items()}  # as stored
   summary = import_teacher(write_model(tmp_path / 'hf', hf, weights, tokenizer=sp_model, **layout),
                            tmp_path / 'out')
-  want = reference_logits(hf, bf16(weights), TOKENS)
+  want = reference_logits(hf, bf16(weights, hf), TOKENS)
   got = teacher_logits(summary['checkpoint'], TOKENS)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
@@ -216,7 +257,7 @@ def test_the_import_writes_the_config_and_the_tokenizer_and_salt_scores_with_it(
            tie_embeddings=False)
   assert {k: v for k, v in config['model'].items() if k.startswith('rope')} == dict(
       rope_theta=500000.0, rope_scaling='llama3', rope_scaling_factor=4.0, rope_low_freq_factor=1.0,
-      rope_high_freq_factor=4.0, rope_original_max_positions=32)
+      rope_high_freq_factor=4.0, rope_original_max_positions=32, rope_local_theta=0.0)
   # salt score --teacher: the data was prepared with the teacher's tokenizer.
   summary = score(str(tmp_path / 'out' / 'checkpoints' / '0'), tiny_data, output=tmp_path / 'scores.npy',
                   progress=False)
@@ -229,8 +270,21 @@ def without(weights: dict, name: str) -> dict:
 
 @pytest.mark.parametrize('changes, match', [
     (dict(model_type='gpt2', architectures=['GPT2LMHeadModel']), "model_type='gpt2'"),
-    (dict(architectures=['LlamaForSequenceClassification']), 'LlamaForCausalLM only'),
-    (dict(model_type='mistral', architectures=['MistralForCausalLM'], sliding_window=4096), 'sliding_window=4096'),
+    (dict(architectures=['LlamaForSequenceClassification']), "salt imports LlamaForCausalLM for model_type 'llama'"),
+    # Issue 24: a family's field salt cannot honour is named, with what to do.
+    (dict(model_type='qwen2', architectures=['Qwen2ForCausalLM'], use_sliding_window=True, sliding_window=8),
+     'use_sliding_window=True is not supported: salt windows every layer or every layer but each n-th'),
+    (dict(model_type='gemma3_text', architectures=['Gemma3ForCausalLM'], hidden_act='gelu_pytorch_tanh', head_dim=8,
+          query_pre_attn_scalar=256),
+     'query_pre_attn_scalar=256 is not supported: .* set it to head_dim=8'),
+    (dict(model_type='gemma3_text', architectures=['Gemma3ForCausalLM'], hidden_act='gelu_pytorch_tanh',
+          final_logit_softcapping=30.0),
+     'final_logit_softcapping=30.0 is not supported: salt does not cap output logits'),
+    (dict(model_type='gemma3_text', architectures=['Gemma3ForCausalLM'], hidden_act='gelu'),
+     "hidden_act='gelu' is not supported: salt's Gemma MLP is GELU with the tanh approximation"),
+    (dict(model_type='gemma3_text', architectures=['Gemma3ForCausalLM'], hidden_act='gelu_pytorch_tanh',
+          layer_types=['full_attention', 'sliding_attention'], sliding_window=4),
+     r"layer_types=\['full_attention', 'sliding_attention'\] is not supported: salt windows every layer but each"),
     (dict(attention_bias=True), 'attention_bias=True'),
     (dict(mlp_bias=True), 'mlp_bias=True'),
     (dict(hidden_act='gelu'), "hidden_act='gelu'"),
@@ -265,21 +319,24 @@ def test_a_config_that_is_not_a_json_object_is_one_line(sp_model, tmp_path, caps
   assert f'{model / "config.json"} holds a JSON list, not an object of settings' in capsys.readouterr().err
 
 
-def test_a_hugging_face_tokenizer_that_is_not_sentencepiece_is_refused(sp_model, tmp_path):
+def test_a_tokenizer_that_is_not_one_or_has_more_tokens_than_the_model_is_refused(sp_model, tmp_path):
+  """Issue 24: tokenizer.json is read like tokenizer.model now; refused are files that are
+  neither, and tokenizers with more tokens than the model has rows. Fewer is a
+  vocabulary padded for speed (Qwen2.5's), accepted."""
   hf = llama_config()
   model = write_model(tmp_path / 'hf', hf, random_weights(hf))
-  (model / 'tokenizer.json').write_text('{}')
-  with pytest.raises(UserError, match='only tokenizer.json, a Hugging Face tokenizer that is not sentencepiece'):
+  (model / 'tokenizer.json').write_text('a tiktoken vocabulary')
+  with pytest.raises(UserError, match='tokenizer.json is neither a sentencepiece model nor a Hugging Face'):
     import_teacher(model, tmp_path / 'out')
-  (model / 'tokenizer.model').write_text('a tiktoken vocabulary')
-  with pytest.raises(UserError, match='is not a sentencepiece model'):
-    import_teacher(model, tmp_path / 'out')
-  # --tokenizer gives one; its vocabulary must be the model's.
+  # --tokenizer gives one; its vocabulary must fit the model's.
   import_teacher(model, tmp_path / 'out', tokenizer=sp_model)
   assert file_sha256(tmp_path / 'out' / 'tokenizer.model') == file_sha256(sp_model)
   small = write_model(tmp_path / 'small', llama_config(vocab_size=V - 1), random_weights(hf))
   with pytest.raises(UserError, match=f'has {V} tokens but config.json vocab_size={V - 1}'):
     import_teacher(small, tmp_path / 'out2', tokenizer=sp_model)
+  padded_hf = llama_config(vocab_size=V + 16)
+  padded = write_model(tmp_path / 'padded', padded_hf, random_weights(padded_hf), tokenizer=sp_model)
+  assert import_teacher(padded, tmp_path / 'out3')['config']['model']['vocab_size'] == V + 16
 
 
 @pytest.mark.parametrize('edit, match', [

@@ -35,3 +35,14 @@ def test_the_transformer_decays_its_matrices_and_no_norm_scale():
   assert {jax.tree_util.keystr(path): decayed for path, decayed in flat if not decayed} == \
       {jax.tree_util.keystr(path): False for path, _ in flat if 'norm' in jax.tree_util.keystr(path)}
   assert sum(decayed for _, decayed in flat) == len(flat) - 3  # attention, MLP and final norms
+
+
+def test_the_families_biases_and_extra_norms_are_not_decayed():
+  """Qwen2's [heads, head_dim] q/k/v biases have two axes but are not matrices."""
+  cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32,
+                    qkv_bias=True, qk_norm=True, post_norms=True, tie_embeddings=True)
+  _, params = step.abstract_model(cfg)
+  mask = nnx.to_pure_dict(decay_mask(params))
+  assert {key for key, decayed in mask['layers'].items() if decayed} == \
+      {'wq_DxHxE', 'wk_DxKxE', 'wv_DxKxE', 'wo_HxExD', 'w_gate_DxF', 'w_up_DxF', 'w_down_FxD'}
+  assert {key for key, decayed in mask.items() if decayed is True} == {'embed_VxD'}

@@ -17,8 +17,10 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from tests.helpers import WORDS, lock_held_elsewhere, write_corpus
 from trainer import prepare as prepare_module
+from trainer import tokenizer
 from trainer.errors import UserError
-from trainer.prepare import prepare, tokenizer_sha256
+from trainer.prepare import prepare
+from trainer.tokenizer import sentencepiece_sha256 as tokenizer_sha256
 
 
 def corpus(directory: Path, n_docs: int, seed: int) -> list[str]:
@@ -213,17 +215,17 @@ def test_a_long_document_encoded_in_parts_gives_the_ids_of_the_whole(sp_model, m
   rng = random.Random(11)
   lines = [' '.join(rng.choices(WORDS, k=rng.randint(0, 9))) + rng.choice(['.', '', '  ', '\t']) for _ in range(400)]
   document = '\n'.join(lines) + '\n\n  the end'
-  newline = prepare_module._newline_cut(sp)
-  assert newline is not None
+  tok = tokenizer.load(sp_model)
+  assert tok.newline_ids() is not None
   monkeypatch.setattr(prepare_module, 'PART_CHARS', 50)
   assert len(list(prepare_module._parts(document))) > 100
-  [pieces] = prepare_module._encode(sp, iter([document]), newline, size=7)
+  [pieces] = prepare_module._encode(tok, iter([document]), size=7)
   assert np.concatenate(list(pieces)).tolist() == sp.encode(document)
 
 
-def test_a_tokenizer_whose_pieces_span_a_newline_encodes_documents_whole(sp_model):
+def test_a_tokenizer_whose_pieces_span_a_newline_encodes_documents_whole(sp_model, tmp_path):
   model = sp_pb2.ModelProto()
   model.ParseFromString(sp_model.read_bytes())
   model.pieces[300].piece = 'king\n'
-  sp = spm.SentencePieceProcessor(model_proto=model.SerializeToString())
-  assert prepare_module._newline_cut(sp) is None
+  (tmp_path / 'tokenizer.model').write_bytes(model.SerializeToString())
+  assert tokenizer.load(tmp_path / 'tokenizer.model').newline_ids() is None

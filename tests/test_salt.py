@@ -111,6 +111,16 @@ def test_a_missing_teacher_or_another_tokenizer_is_a_clear_error(tiny_data, teac
     salt.load_teacher(teacher_path, mesh, sharding.parse_rules(tiny_config().sharding), '0' * 64)
 
 
+def test_a_student_padded_to_another_vocabulary_than_its_teacher_is_one_line(tiny_data, teacher_path, tmp_path):
+  """Issue 24: a vocabulary padded past the tokenizer is accepted, so one tokenizer can
+  come with two sizes; distillation needs the teacher's."""
+  config = salt_config(tiny_data, teacher_path)
+  config.model.vocab_size += 16
+  with pytest.raises(UserError, match=f'has 320 vocabulary rows and the student model.vocab_size=336; .*'
+                                      'set --config.model.vocab_size=320'):
+    train.train(config, tmp_path / 'run')
+
+
 def numpy_scores(teacher_path, data_dir, top_k):
   """The scores from full logits, with NumPy: every window padded to the sequence length,
   one forward pass for all of them, then each record's median by hand."""

@@ -38,10 +38,10 @@ def test_loss_falls_and_the_run_directory_holds_metrics_and_events(tiny_data, tm
   assert records[-1]['train_seconds'] > records[0]['train_seconds'] > 0
 
 
-def test_a_tokenizer_of_another_size_is_a_clear_error(tiny_data, tmp_path):
+def test_a_vocabulary_smaller_than_the_tokenizer_is_a_clear_error(tiny_data, tmp_path):
   config = tiny_config(tiny_data)
-  config.model.vocab_size = 512
-  with pytest.raises(UserError, match='model.vocab_size=512 but the tokenizer of .* has 320 tokens; '
+  config.model.vocab_size = 256
+  with pytest.raises(UserError, match='model.vocab_size=256 but the tokenizer of .* has 320 tokens; '
                                       'set --config.model.vocab_size=320'):
     train(config, tmp_path)
 

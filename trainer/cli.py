@@ -129,7 +129,9 @@ def parser() -> argparse.ArgumentParser:
   prep.add_argument('--output', required=True)
   prep.add_argument('--validation', nargs='*', help='files or globs of the validation split')
   prep.add_argument('--vocab-size', type=int, default=32000)
-  prep.add_argument('--tokenizer', help='an existing sentencepiece model to use instead of training one')
+  prep.add_argument('--tokenizer', metavar='DIR_OR_FILE', help='an existing tokenizer to use instead of training '
+                    'one: a sentencepiece model, a Hugging Face tokenizer.json, or a model directory holding one '
+                    '(its tokenizer.json first)')
   prep.add_argument('--txt-split', choices=('file', 'blank-line'), default='file',
                     help='a .txt file is one document, or one per blank-line-separated block')
   prep.add_argument('--text-field', default='text', help='the field of a .jsonl record holding its text')
@@ -174,18 +176,20 @@ def parser() -> argparse.ArgumentParser:
   launch_xpk.add_parser(where)
   launch_local.add_parser(where)
 
-  imp = sub.add_parser('import-teacher', help='a Llama-architecture Hugging Face model (safetensors) as a salt '
-                       'teacher checkpoint')
-  imp.add_argument('model', metavar='DIR', help='the model directory: config.json, *.safetensors, tokenizer.model')
-  imp.add_argument('output', metavar='OUT', help='a new directory: checkpoints/0, config.json, tokenizer.model')
-  imp.add_argument('--tokenizer', metavar='PATH', help='a sentencepiece model of the same vocabulary, '
-                   'for a model directory without tokenizer.model')
+  imp = sub.add_parser('import-teacher', help='a Hugging Face Llama, Mistral, Qwen2 or Gemma 3 model (safetensors) '
+                       'as a salt teacher checkpoint')
+  imp.add_argument('model', metavar='DIR', help='the model directory: config.json, *.safetensors, tokenizer.json '
+                   'or tokenizer.model')
+  imp.add_argument('output', metavar='OUT', help="a new directory: checkpoints/0, config.json, the tokenizer's files")
+  imp.add_argument('--tokenizer', metavar='PATH', help='the tokenizer (tokenizer.json, tokenizer.model or a directory '
+                   'holding one), for a model directory without one')
   imp.set_defaults(run=_import_teacher)
 
-  ex = sub.add_parser('export', help='a salt checkpoint as a Hugging Face Llama model (lm-evaluation-harness, vLLM)')
+  ex = sub.add_parser('export', help="a salt checkpoint as a Hugging Face model of its family "
+                      "(transformers, lm-evaluation-harness, vLLM)")
   ex.add_argument('checkpoint', metavar='CHECKPOINT', help='RUN/checkpoints/STEP')
   ex.add_argument('output', metavar='OUT', help='a new directory: config.json, safetensors, tokenizer')
-  ex.add_argument('--tokenizer', metavar='PATH', help="the run's sentencepiece model, where it is not found "
+  ex.add_argument('--tokenizer', metavar='PATH', help="the run's tokenizer, where it is not found "
                   "beside the checkpoints or in the run's data directory")
   ex.add_argument('--dtype', default='float32', help='float32 (as trained, the default) or bfloat16 (half the size)')
   ex.add_argument('--max-shard-gb', type=float, default=5.0, help='largest safetensors file; beyond it, shards')

@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from kernels import IMPLS, attention
+from trainer import families
 from trainer.data import SELECTION_RULES
 from trainer.errors import UserError
 from trainer.model import ModelConfig
@@ -276,6 +277,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _require(o.decay in DECAY_SCHEDULES, f'optim.decay={o.decay!r} must be one of {DECAY_SCHEDULES}')
   for problem in ModelConfig(**m).problems()[:1]:
     raise UserError(problem)
+  _require(m.family in families.FAMILIES, f'model.family={m.family!r} must be one of {tuple(families.FAMILIES)}')
   for key in ('log.every_steps', 'eval.every_steps', 'eval.batches'):
     group, name = key.split('.')
     _require(config[group][name] > 0, f'{key}={config[group][name]} must be positive')

@@ -36,9 +36,8 @@ from typing import IO
 import absl.flags
 import grain
 import numpy as np
-import sentencepiece as spm
 
-from trainer import processes
+from trainer import processes, tokenizer
 from trainer.errors import UserError
 from trainer.prepare import file_sha256, read_manifest
 
@@ -333,12 +332,6 @@ def select_records(scores: np.ndarray, *, rule: str, keep_fraction: float = 1.0,
 
 
 def token_bytes(tokenizer_path: Path) -> np.ndarray:
-  """UTF-8 bytes each token id stands for (control tokens 0, byte tokens 1), for bits per byte."""
-  sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-  sizes = np.zeros(sp.vocab_size(), np.int32)
-  for i in range(sp.vocab_size()):
-    if sp.is_byte(i):
-      sizes[i] = 1
-    elif not (sp.is_control(i) or sp.is_unknown(i)):
-      sizes[i] = len(sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
-  return sizes
+  """UTF-8 bytes each token id stands for (special tokens 0, byte tokens 1), for bits per
+  byte: `tokenizer_path` is a prepared directory's tokenizer (its manifest names it)."""
+  return tokenizer.load(tokenizer_path).token_bytes()

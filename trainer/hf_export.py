@@ -1,33 +1,33 @@
-"""`salt export`: a salt checkpoint as a Hugging Face Llama model, for the field's tools.
+"""`salt export`: a salt checkpoint as a Hugging Face model of its family, for the field's tools.
 
     salt export RUN/checkpoints/STEP OUT
     lm_eval --model hf --model_args pretrained=OUT --tasks ...     (or vLLM: LLM(model=OUT))
 
-OUT holds config.json (LlamaForCausalLM), the weights as safetensors (sharded with
-model.safetensors.index.json beyond --max-shard-gb), and the sentencepiece tokenizer
-with a tokenizer_config.json that adds no BOS token: salt trains documents that end
-with EOS and never begin with BOS. The weights are the layout `salt import-teacher`
-reads (trainer/hf_import.layouts), so export then import gives back the same parameters.
+OUT holds config.json (the family's architecture: LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM or Gemma3ForCausalLM, from model.family), the weights as safetensors
+(sharded with model.safetensors.index.json beyond --max-shard-gb), and the tokenizer's
+files with a tokenizer_config.json that adds no BOS token: salt trains documents that
+end with EOS and never begin with BOS. The weights are the layout `salt import-teacher`
+reads (trainer/families), so export then import gives back the same parameters.
 """
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
-import sentencepiece as spm
 from flax import nnx
 from safetensors.numpy import save_file
 
-from trainer import checkpoint, step
+from trainer import checkpoint, families, step
 from trainer.errors import UserError
-from trainer.hf_import import WEIGHTS, WEIGHTS_INDEX, layouts
+from trainer.hf_import import WEIGHTS, WEIGHTS_INDEX
 from trainer.model import ModelConfig
-from trainer.prepare import TOKENIZER, read_manifest, tokenizer_sha256
+from trainer.prepare import read_manifest
+from trainer.tokenizer import Tokenizer, load as load_tokenizer
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 
@@ -51,17 +51,23 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
   return config, nnx.to_pure_dict(restored['params'])
 
 
-def _tokenizer(path: Path, config: dict, given: Path | None) -> Path:
-  """The sentencepiece model the checkpoint was trained with: --tokenizer, the imported
-  teacher's beside its checkpoints, or its data's; checked against the recorded hash."""
+def _tokenizer(path: Path, config: dict, given: Path | None) -> Tokenizer:
+  """The tokenizer the checkpoint was trained with: --tokenizer, the imported teacher's
+  beside its checkpoints, or its data's; checked against the recorded identity."""
   want = config['data']['tokenizer_sha256']
-  candidates = [Path(given)] if given else [path.parent.parent / TOKENIZER]
+  candidates = [Path(given)] if given else [path.parent.parent]
   data_dir = Path(config['data'].get('path') or '')
   if not given and (data_dir / 'manifest.json').is_file():
     candidates.append(data_dir / read_manifest(data_dir)['tokenizer'])
   for candidate in candidates:
-    if candidate.is_file() and tokenizer_sha256(candidate) == want:
-      return candidate
+    try:
+      found = load_tokenizer(candidate)
+    except UserError:
+      if given:
+        raise
+      continue
+    if found.sha256 == want:
+      return found
   if given:
     raise UserError(f'--tokenizer {str(given)!r} is not the tokenizer the checkpoint was trained with '
                     f'(sha256 {want[:12]}...)')
@@ -69,41 +75,40 @@ def _tokenizer(path: Path, config: dict, given: Path | None) -> Path:
                   'give it with --tokenizer')
 
 
-def hf_config(cfg: ModelConfig, seq_len: int, sp: spm.SentencePieceProcessor, dtype: str) -> dict:
-  """config.json of a LlamaForCausalLM with salt's architecture."""
-  rope = None
-  if cfg.rope_scaling == 'linear':
-    rope = {'rope_type': 'linear', 'factor': cfg.rope_scaling_factor}
-  elif cfg.rope_scaling == 'llama3':
-    rope = {'rope_type': 'llama3', 'factor': cfg.rope_scaling_factor, 'low_freq_factor': cfg.rope_low_freq_factor,
-            'high_freq_factor': cfg.rope_high_freq_factor,
-            'original_max_position_embeddings': cfg.rope_original_max_positions}
-  return {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': cfg.vocab_size,
-      'hidden_size': cfg.d_model, 'intermediate_size': cfg.d_ff, 'num_hidden_layers': cfg.n_layers,
-      'num_attention_heads': cfg.n_heads, 'num_key_value_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim,
-      'hidden_act': 'silu', 'max_position_embeddings': seq_len, 'rms_norm_eps': cfg.norm_eps,
-      'rope_theta': cfg.rope_theta, 'rope_scaling': rope, 'attention_bias': False, 'mlp_bias': False,
-      'tie_word_embeddings': cfg.tie_embeddings, 'torch_dtype': dtype, 'initializer_range': cfg.init_std,
-      **_special_ids(sp),
-  }
+def hf_config(cfg: ModelConfig, seq_len: int, tok: Tokenizer, dtype: str) -> dict:
+  """config.json of the model's family, with salt's settings."""
+  family = families.for_model(cfg)
+  return {'architectures': [family.ARCHITECTURE], 'model_type': family.MODEL_TYPE, **family.to_hf(cfg),
+          'max_position_embeddings': seq_len, 'torch_dtype': dtype, **_special_ids(tok)}
 
 
-def _special_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
-  ids = {'bos_token_id': sp.bos_id(), 'eos_token_id': sp.eos_id(), 'pad_token_id': sp.pad_id()}
-  return {k: i for k, i in ids.items() if i >= 0}  # sentencepiece marks a token it lacks with -1
+def _special_ids(tok: Tokenizer) -> dict[str, int]:
+  ids = {'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'pad_token_id': tok.pad_id}
+  return {k: i for k, i in ids.items() if i is not None}
+
+
+def _tokenizer_config(tok: Tokenizer, cfg: ModelConfig, seq_len: int) -> dict:
+  """tokenizer_config.json: the tokenizer's class, its special tokens, and no BOS added."""
+  if tok.kind == 'sentencepiece':
+    kind = {'tokenizer_class': 'GemmaTokenizer' if cfg.family == 'gemma3_text' else 'LlamaTokenizer',
+            'legacy': False}
+  else:
+    kind = {'tokenizer_class': 'PreTrainedTokenizerFast'}
+  return {**kind, 'add_bos_token': False, 'add_eos_token': False, 'model_max_length': seq_len,
+          **{k.replace('_id', ''): tok.id_to_token(i) for k, i in _special_ids(tok).items()}}
 
 
 def _tensors(params: dict, cfg: ModelConfig, dtype) -> dict[str, np.ndarray]:
   """Hugging Face tensors by name, in its [out, in] layout."""
-  outer, layer = layouts(cfg)
+  outer, layer = families.FAMILIES[cfg.family].tensors(cfg)
 
-  def to_hf(x: np.ndarray, shape: tuple[int, ...], transposed: bool) -> np.ndarray:
-    return np.ascontiguousarray((x.reshape(shape[::-1]).T if transposed else x).astype(dtype))
+  def to_hf(x: np.ndarray, t) -> np.ndarray:
+    x = x - np.float32(t.offset)
+    return np.ascontiguousarray((x.reshape(t.shape[::-1]).T if t.transposed else x.reshape(t.shape)).astype(dtype))
 
-  tensors = {name: to_hf(params[key], shape, t) for key, (name, shape, t) in outer.items()}
-  for key, (name, shape, t) in layer.items():
-    tensors.update({name.format(i=i): to_hf(params['layers'][key][i], shape, t) for i in range(cfg.n_layers)})
+  tensors = {t.name: to_hf(params[key], t) for key, t in outer.items()}
+  for key, t in layer.items():
+    tensors.update({t.name.format(i=i): to_hf(params['layers'][key][i], t) for i in range(cfg.n_layers)})
   return tensors
 
 
@@ -141,21 +146,17 @@ def export(path: Path, output: Path, *, tokenizer: Path | None = None, dtype: st
     raise UserError(f'--max-shard-gb {max_shard_gb} must be a positive number of GB')
   config, params = read_checkpoint(path)
   cfg = ModelConfig(**config['model'])
-  sp_model = _tokenizer(path, config, tokenizer)
-  sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+  seq_len = config['data']['seq_len']
+  tok = _tokenizer(path, config, tokenizer)
+  hf = hf_config(cfg, seq_len, tok, dtype)
   tensors = _tensors(params, cfg, DTYPES[dtype])
 
   output.mkdir(parents=True, exist_ok=True)
   files = _write_weights(tensors, output, int(max_shard_gb * 2**30))
-  (output / 'config.json').write_text(json.dumps(hf_config(cfg, config['data']['seq_len'], sp, dtype), indent=2))
-  shutil.copyfile(sp_model, output / TOKENIZER)
-  special = _special_ids(sp)
-  (output / 'tokenizer_config.json').write_text(json.dumps({
-      'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': False, 'add_eos_token': False,
-      'model_max_length': config['data']['seq_len'], 'legacy': False,
-      **{k.replace('_id', ''): sp.id_to_piece(i) for k, i in special.items()},
-      **({'unk_token': sp.id_to_piece(sp.unk_id())} if sp.unk_id() >= 0 else {})}, indent=2))
+  (output / 'config.json').write_text(json.dumps(hf, indent=2))
+  tok.copy_to(output)
+  (output / 'tokenizer_config.json').write_text(json.dumps(_tokenizer_config(tok, cfg, seq_len), indent=2))
   (output / 'generation_config.json').write_text(json.dumps(
-      {k: i for k, i in special.items() if k != 'pad_token_id'}, indent=2))
+      {k: i for k, i in _special_ids(tok).items() if k != 'pad_token_id'}, indent=2))
   return {'output': str(output), 'files': files, 'parameters': int(sum(x.size for x in tensors.values())),
           'dtype': dtype}

@@ -1,54 +1,41 @@
-"""`salt import-teacher`: an open Llama-architecture model from Hugging Face as a salt teacher.
+"""`salt import-teacher`: an open Hugging Face model of a family salt knows as a salt teacher.
 
 Reads a model directory as Hugging Face writes it (config.json; model.safetensors, or
-the shards that model.safetensors.index.json lists; tokenizer.model) and writes
+the shards that model.safetensors.index.json lists; its tokenizer) and writes
   OUT/checkpoints/0    a salt checkpoint of the parameters, for `salt.teacher` and `salt score`
   OUT/config.json      its resolved salt config
-  OUT/tokenizer.model  the sentencepiece model, whose identity the config records, so that
+  OUT/<tokenizer>      the tokenizer's files, whose identity the config records, so that
                        the student's data is prepared with the teacher's tokenizer.
 
-Llama and Mistral store q_proj and k_proj in the rotate-half order that
-`trainer.model.rotary` uses, so each weight maps by a transpose and a reshape alone
-(nn.Linear weights are [out, in]):
-  q_proj [H*E, D] -> wq [D, H, E]      k_proj, v_proj [K*E, D] -> wk, wv [D, K, E]
-  o_proj [D, H*E] -> wo [H, E, D]      gate_proj, up_proj [F, D] -> [D, F]
-  down_proj [D, F] -> [F, D]           lm_head [V, D] -> unembed [D, V]
-Tensors are read one at a time straight into the checkpoint's float32 arrays, so the
-model sits in host memory once.
+The families (Llama, Mistral, Qwen2, Gemma 3) and their tensor layouts are in
+trainer/families. Tensors are read one at a time straight into the checkpoint's
+float32 arrays, so the model sits in host memory once.
 """
 
 import contextlib
 import json
-import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 # Registers bfloat16 with NumPy: safetensors' NumPy reader returns bf16 tensors as it.
 import ml_dtypes  # noqa: F401
 import numpy as np
-import sentencepiece as spm
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
-from trainer import checkpoint, step
+from trainer import checkpoint, families, step
 from trainer.config import defaults, validate
 from trainer.errors import UserError
+from trainer.families.common import CONFIG, Tensor, size
 from trainer.model import ModelConfig
-from trainer.prepare import TOKENIZER, tokenizer_sha256
+from trainer.tokenizer import Tokenizer, load as load_tokenizer
 from trainer.train import versions
 
-CONFIG = 'config.json'
 WEIGHTS = 'model.safetensors'
 WEIGHTS_INDEX = 'model.safetensors.index.json'
-ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM'}
 FLOAT_DTYPES = ('F32', 'F16', 'BF16')
 # A buffer some exports carry beside the weights; salt computes it from the config.
 IGNORED_SUFFIX = '.rotary_emb.inv_freq'
-
-# salt parameter -> (Hugging Face tensor name, its [out, in] shape, whether salt holds it
-# transposed and reshaped: every nn.Linear weight; norms and the embedding map as they are).
-Layout = dict[str, tuple[str, tuple[int, ...], bool]]
 
 
 def read_config(model_dir: Path) -> dict:
@@ -66,102 +53,23 @@ def read_config(model_dir: Path) -> dict:
 
 
 def model_settings(hf: dict) -> dict[str, Any]:
-  """salt's `model` config for a Hugging Face Llama or Mistral config.json.
+  """salt's `model` config for a Hugging Face config.json of a family salt knows.
 
   Raises UserError naming the field of an architecture or option salt does not implement.
   """
-  _check_supported(hf)
-  d_model, n_heads = _size(hf, 'hidden_size'), _size(hf, 'num_attention_heads')
-  return dict(
-      vocab_size=_size(hf, 'vocab_size'), d_model=d_model, n_layers=_size(hf, 'num_hidden_layers'),
-      n_heads=n_heads, n_kv_heads=_size(hf, 'num_key_value_heads', n_heads),
-      head_dim=_size(hf, 'head_dim', d_model // n_heads), d_ff=_size(hf, 'intermediate_size'),
-      norm_eps=_positive(hf, 'rms_norm_eps', 1e-6), tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      **_rope_settings(hf))
+  return families.for_config(hf).from_hf(hf)
 
 
-def _size(hf: dict, key: str, default: int | None = None, where: str = CONFIG) -> int:
-  """A positive integer field of config.json (`default` where it is absent)."""
-  value = _field(hf, key, where) if default is None else hf.get(key) or default
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise UserError(f'{where} {key}={value!r} must be a positive integer')
-  return value
-
-
-def _positive(hf: dict, key: str, default: float | None = None, where: str = CONFIG) -> float:
-  """A positive finite number field of config.json (`default` where it is absent; a
-  null is not absent)."""
-  value = _field(hf, key, where) if default is None else hf.get(key, default)
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-    raise UserError(f'{where} {key}={value!r} must be a positive number')
-  return float(value)
-
-
-def _field(hf: dict, key: str, where: str = CONFIG) -> Any:
-  if hf.get(key) is None:
-    raise UserError(f'{where} has no {key!r}')
-  return hf[key]
-
-
-def _check_supported(hf: dict) -> None:
-  model_type = hf.get('model_type')
-  if model_type not in ARCHITECTURES:
-    raise UserError(f'{CONFIG} model_type={model_type!r}: salt imports the Llama architecture '
-                    f'(model_type {" or ".join(map(repr, ARCHITECTURES))}) only')
-  expected = ARCHITECTURES[model_type]
-  architectures = hf.get('architectures') or [expected]
-  if [a.lower() for a in architectures] != [expected.lower()]:
-    raise UserError(f'{CONFIG} architectures={architectures}: salt imports {expected} only')
-  unsupported = [
-      ('sliding_window', hf.get('sliding_window') is not None, 'salt attends to the whole context'),
-      ('attention_bias', hf.get('attention_bias', False), "salt's attention projections have no bias"),
-      ('mlp_bias', hf.get('mlp_bias', False), "salt's MLP has no bias"),
-      ('hidden_act', hf.get('hidden_act', 'silu') not in ('silu', 'swish'), "salt's MLP is SwiGLU (silu)"),
-  ]
-  for key, present, why in unsupported:
-    if present:
-      raise UserError(f'{CONFIG} {key}={hf[key]!r} is not supported: {why}')
-
-
-def _rope_settings(hf: dict) -> dict[str, Any]:
-  """rope_theta and the scaling, from transformers 4's rope_theta and rope_scaling or
-  transformers 5's rope_parameters."""
-  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  kind = rope.get('rope_type', rope.get('type', 'default'))
-  where = f'{CONFIG} {"rope_parameters" if "rope_parameters" in hf else "rope_scaling"}'
-  theta = _positive(rope, 'rope_theta', where=where) if 'rope_theta' in rope else _positive(hf, 'rope_theta', 10000.0)
-  settings = dict(rope_theta=theta)
-  if kind == 'linear':
-    settings.update(rope_scaling='linear', rope_scaling_factor=_positive(rope, 'factor', where=where))
-  elif kind == 'llama3':
-    settings.update(
-        rope_scaling='llama3', rope_scaling_factor=_positive(rope, 'factor', where=where),
-        rope_low_freq_factor=_positive(rope, 'low_freq_factor', where=where),
-        rope_high_freq_factor=_positive(rope, 'high_freq_factor', where=where),
-        rope_original_max_positions=_size(rope, 'original_max_position_embeddings', where=where))
-  elif kind != 'default':
-    raise UserError(f'{where} type {kind!r} is not supported: salt implements default, linear and llama3 RoPE')
-  return settings
-
-
-def _tokenizer(model_dir: Path, given: Path | None, vocab_size: int) -> Path:
-  """The sentencepiece model to ship with the teacher: `given`, or the model directory's."""
-  path = Path(given) if given else model_dir / TOKENIZER
-  if not path.is_file():
-    if given:
-      raise UserError(f'--tokenizer {str(given)!r} does not exist')
-    found = next((n for n in ('tokenizer.json', 'tokenizer_config.json') if (model_dir / n).is_file()), None)
-    what = f'only {found}, a Hugging Face tokenizer that is not sentencepiece' if found else 'no tokenizer'
-    raise UserError(f'{model_dir} has {what}; salt tokenizes with sentencepiece and needs {TOKENIZER}: '
-                    'give a sentencepiece model of this vocabulary with --tokenizer')
-  try:
-    pieces = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
-  except (RuntimeError, OSError):
-    raise UserError(f'{path} is not a sentencepiece model; salt tokenizes with sentencepiece only') from None
-  if pieces != vocab_size:
-    raise UserError(f'{path} has {pieces} tokens but {CONFIG} vocab_size={vocab_size}; a teacher and its '
-                    'student must share one vocabulary')
-  return path
+def _tokenizer(model_dir: Path, given: Path | None, vocab_size: int) -> Tokenizer:
+  """The tokenizer to ship with the teacher: `given`, or the model directory's. A
+  vocabulary padded past the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens) is
+  accepted: its padding rows are never targets."""
+  found = load_tokenizer(given or model_dir)
+  if found.vocab_size > vocab_size:
+    raise UserError(f'the tokenizer {found.files[0]} of {given or model_dir} has {found.vocab_size} tokens but '
+                    f'{CONFIG} vocab_size={vocab_size}; a teacher and its student must share one vocabulary: give '
+                    'the tokenizer of this model with --tokenizer')
+  return found
 
 
 class _Tensors:
@@ -186,8 +94,8 @@ class _Tensors:
       raise UserError(f'{self.model_dir} has no tensor {missing[0]!r}{_more(missing)}, which {CONFIG} implies')
     extra = sorted(n for n in self.where.keys() - expected.keys() - optional if not n.endswith(IGNORED_SUFFIX))
     if extra:
-      raise UserError(f'{self.model_dir} holds tensor {extra[0]!r}{_more(extra)}, which a Llama model of '
-                      f'this {CONFIG} does not have')
+      raise UserError(f'{self.model_dir} holds tensor {extra[0]!r}{_more(extra)}, which a model of this '
+                      f'{CONFIG} does not have')
     for name, shape in expected.items():
       file, handle = self.where[name]
       tensor = handle.get_slice(name)
@@ -224,45 +132,24 @@ def _weight_files(model_dir: Path) -> list[Path]:
   raise UserError(f'{model_dir} has neither {WEIGHTS} nor {WEIGHTS_INDEX}; salt imports safetensors weights only')
 
 
-def layouts(cfg: ModelConfig) -> tuple[Layout, Layout]:
-  """The parameters outside the layers, and those of layer {i}, by salt name."""
-  D, H, K, E, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
-  outer = {'embed_VxD': ('model.embed_tokens.weight', (V, D), False), 'final_norm': ('model.norm.weight', (D,), False)}
-  if not cfg.tie_embeddings:
-    outer['unembed_DxV'] = ('lm_head.weight', (V, D), True)
-  layer = {
-      'attn_norm': ('input_layernorm.weight', (D,), False),
-      'wq_DxHxE': ('self_attn.q_proj.weight', (H * E, D), True),
-      'wk_DxKxE': ('self_attn.k_proj.weight', (K * E, D), True),
-      'wv_DxKxE': ('self_attn.v_proj.weight', (K * E, D), True),
-      'wo_HxExD': ('self_attn.o_proj.weight', (D, H * E), True),
-      'mlp_norm': ('post_attention_layernorm.weight', (D,), False),
-      'w_gate_DxF': ('mlp.gate_proj.weight', (F, D), True),
-      'w_up_DxF': ('mlp.up_proj.weight', (F, D), True),
-      'w_down_FxD': ('mlp.down_proj.weight', (D, F), True),
-  }
-  return outer, {key: ('model.layers.{i}.' + name, shape, t) for key, (name, shape, t) in layer.items()}
-
-
 def _read_params(tensors: _Tensors, cfg: ModelConfig, shapes: dict) -> dict:
   """The parameters as a pure dict of float32 arrays (`shapes`: the model's, same structure)."""
-  outer, layer = layouts(cfg)
-  expected = {name: shape for name, shape, _ in outer.values()}
-  expected.update({name.format(i=i): shape for name, shape, _ in layer.values() for i in range(cfg.n_layers)})
+  outer, layer = families.FAMILIES[cfg.family].tensors(cfg)
+  expected = {t.name: t.shape for t in outer.values()}
+  expected.update({t.name.format(i=i): t.shape for t in layer.values() for i in range(cfg.n_layers)})
   # Tied models may still carry lm_head.weight, a copy of the embedding.
   tensors.check(expected, optional={'lm_head.weight'} if cfg.tie_embeddings else set())
 
-  def to_salt(name: str, transposed: bool, shape: tuple[int, ...]) -> np.ndarray:
-    w = tensors.read(name)
-    return w.T.reshape(shape) if transposed else w
+  def to_salt(t: Tensor, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    w = tensors.read(name).astype(np.float32)
+    return (w.T if t.transposed else w).reshape(shape) + np.float32(t.offset)
 
-  params = {key: np.ascontiguousarray(to_salt(name, t, shapes[key].shape), np.float32)
-            for key, (name, _, t) in outer.items()}
+  params = {key: np.ascontiguousarray(to_salt(t, t.name, shapes[key].shape)) for key, t in outer.items()}
   params['layers'] = {}
-  for key, (name, _, t) in layer.items():
+  for key, t in layer.items():
     stacked = np.empty(shapes['layers'][key].shape, np.float32)
     for i in range(cfg.n_layers):
-      stacked[i] = to_salt(name.format(i=i), t, stacked.shape[1:])
+      stacked[i] = to_salt(t, t.name.format(i=i), stacked.shape[1:])
     params['layers'][key] = stacked
   return params
 
@@ -271,8 +158,9 @@ def import_teacher(model_dir: Path, output: Path, *, tokenizer: Path | None = No
   """Imports the Hugging Face model in `model_dir` into the new directory `output`.
 
   Returns a summary: the checkpoint's path, the tokenizer's and the resolved config.
-  Raises UserError for an architecture or option salt does not implement, a tokenizer
-  that is not sentencepiece, missing files or tensors, or tensors of the wrong shape.
+  Raises UserError for a family or option salt does not implement, a tokenizer it
+  cannot read or of another vocabulary, missing files or tensors, or tensors of the
+  wrong shape.
   """
   model_dir, output = Path(model_dir), Path(output)
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -280,9 +168,9 @@ def import_teacher(model_dir: Path, output: Path, *, tokenizer: Path | None = No
   hf = read_config(model_dir)
   config = defaults()
   config.model.update(model_settings(hf))
-  sp_model = _tokenizer(model_dir, tokenizer, config.model.vocab_size)
-  config.data.update(seq_len=min(config.data.seq_len, _size(hf, 'max_position_embeddings', config.data.seq_len)),
-                     tokenizer_sha256=tokenizer_sha256(sp_model))
+  tok = _tokenizer(model_dir, tokenizer, config.model.vocab_size)
+  config.data.update(seq_len=min(config.data.seq_len, size(hf, 'max_position_embeddings', config.data.seq_len)),
+                     tokenizer_sha256=tok.sha256)
   validate(config, device_count=1)  # the model's settings; the mesh is whichever run loads the teacher
   cfg = ModelConfig(**config.model)
   _, params = step.abstract_model(cfg)
@@ -293,7 +181,7 @@ def import_teacher(model_dir: Path, output: Path, *, tokenizer: Path | None = No
     tensors.close()
 
   output.mkdir(parents=True, exist_ok=True)
-  shutil.copyfile(sp_model, output / TOKENIZER)
+  tok.copy_to(output)
   resolved = config.to_dict()
   meta = {'config': resolved, 'versions': versions(),
           'imported_from': {'directory': str(model_dir.resolve()), 'model_type': hf['model_type'],
@@ -307,4 +195,4 @@ def import_teacher(model_dir: Path, output: Path, *, tokenizer: Path | None = No
     saver.wait()
   finally:
     saver.close()
-  return {'checkpoint': str(path / '0'), 'tokenizer': str(output / TOKENIZER), 'config': resolved}
+  return {'checkpoint': str(path / '0'), 'tokenizer': str(output / tok.files[0]), 'config': resolved}

@@ -1,10 +1,15 @@
 """A decoder-only Transformer (Llama-style) in Flax NNX.
 
-RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU MLP, with
+RMSNorm, rotary position embeddings, grouped-query attention and a gated MLP, with
 the layers stacked on a leading axis and applied by `jax.lax.scan`. Attention stays
 inside a document of a packed row (segment ids). The model returns final hidden
 states; the unembedding is a separate matrix so that the loss can stream over the
 vocabulary without ever building the logits.
+
+The families salt imports (trainer/families) differ from this base block by a few
+switches: q/k/v biases (Qwen2), norms of the queries and keys and after each sublayer,
+a GELU MLP and a scaled embedding (Gemma 3), and sliding-window attention on every
+layer (Mistral) or on all but every n-th layer, with its own RoPE base (Gemma 3).
 
 Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `layers`, `norm`); `trainer.sharding` maps them to mesh axes.
@@ -16,9 +21,11 @@ Shapes in names:
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -27,6 +34,7 @@ from kernels.attention import Attention, reference
 
 DTYPES = ('float32', 'bfloat16')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
+ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 
 
 def _shapes(default):
@@ -56,6 +64,21 @@ class ModelConfig:
   rope_original_max_positions: int = 8192
   norm_eps: float = 1e-5
   tie_embeddings: bool = _shapes(False)
+  # The Hugging Face family the model is exported as (trainer/families), and its
+  # differences from the base block.
+  family: str = 'llama'
+  qkv_bias: bool = _shapes(False)
+  qk_norm: bool = _shapes(False)  # RMSNorm of each query and key head before RoPE
+  post_norms: bool = _shapes(False)  # RMSNorm of each sublayer's output before the residual add
+  mlp_activation: str = 'silu'  # of the gate; one of ACTIVATIONS
+  embed_scale: bool = False  # the embedding times sqrt(d_model)
+  # Sliding-window attention (a token sees the last `sliding_window` tokens of its
+  # document; 0: all of them) on every layer, or with `global_layer_every` = n on all
+  # but every n-th; `rope_local_theta` is the windowed layers' RoPE base, unscaled
+  # (0: as the global layers).
+  sliding_window: int = 0
+  global_layer_every: int = 0
+  rope_local_theta: float = 0.0
   init_std: float = 0.02
   dtype: str = 'bfloat16'  # compute dtype (one of DTYPES); parameters are always float32
   # What the backward pass keeps of each layer (one of REMAT_POLICIES); the rest is
@@ -72,6 +95,8 @@ class ModelConfig:
     found = [f'model.{key}={getattr(self, key)} must be positive'
              for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff')
              if getattr(self, key) <= 0]
+    found += [f'model.{key}={getattr(self, key)} must not be negative'
+              for key in ('sliding_window', 'global_layer_every', 'rope_local_theta') if getattr(self, key) < 0]
     checks = [
         (self.dtype in DTYPES, f'model.dtype={self.dtype!r} must be one of {DTYPES}'),
         (self.remat in REMAT_POLICIES, f'model.remat={self.remat!r} must be one of {tuple(REMAT_POLICIES)}'),
@@ -81,6 +106,11 @@ class ModelConfig:
         (self.rope_scaling in ROPE_SCALINGS,
          f'model.rope_scaling={self.rope_scaling!r} must be one of {ROPE_SCALINGS}'),
         (self.rope_scaling_factor > 0, f'model.rope_scaling_factor={self.rope_scaling_factor} must be positive'),
+        (self.mlp_activation in ACTIVATIONS,
+         f'model.mlp_activation={self.mlp_activation!r} must be one of {tuple(ACTIVATIONS)}'),
+        (self.sliding_window or not (self.global_layer_every or self.rope_local_theta),
+         'model.global_layer_every and model.rope_local_theta apply to sliding-window layers: set '
+         'model.sliding_window too'),
         (self.rope_scaling != 'llama3' or 0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
          f'model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor='
          f'{self.rope_high_freq_factor} must satisfy 0 < low < high'),
@@ -95,6 +125,10 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: f
 
 def _ones(shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
   return nnx.Param(nnx.with_partitioning(nnx.initializers.ones, axes)(None, shape, jnp.float32))
+
+
+def _zeros(shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
+  return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, axes)(None, shape, jnp.float32))
 
 
 def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
@@ -125,6 +159,14 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
   return freq_E2
 
 
+def local_layers(cfg: ModelConfig) -> np.ndarray:
+  """[N] booleans: which layers attend through the sliding window."""
+  index_N = np.arange(cfg.n_layers)
+  if not cfg.sliding_window:
+    return np.zeros(cfg.n_layers, bool)
+  return (index_N + 1) % cfg.global_layer_every != 0 if cfg.global_layer_every else np.ones(cfg.n_layers, bool)
+
+
 def rotary(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, freq_E2: jax.Array) -> jax.Array:
   """Rotates the two halves of each head (the Llama / Hugging Face convention) by
   position x the [E/2] frequencies of `rope_frequencies`."""
@@ -136,7 +178,7 @@ def rotary(x_BxLxHxE: jax.Array, positions_BxL: jax.Array, freq_E2: jax.Array) -
 
 
 class Block(nnx.Module):
-  """One pre-norm Transformer layer: attention then SwiGLU MLP, each residual."""
+  """One pre-norm Transformer layer: attention then a gated MLP, each residual."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -153,25 +195,65 @@ class Block(nnx.Module):
     self.w_gate_DxF = _param(rngs, (D, F), ('embed', 'mlp'), in_std)
     self.w_up_DxF = _param(rngs, (D, F), ('embed', 'mlp'), in_std)
     self.w_down_FxD = _param(rngs, (F, D), ('mlp', 'embed'), out_std)
+    if cfg.qkv_bias:
+      self.bq_HxE = _zeros((H, E), ('heads', 'head_dim'))
+      self.bk_KxE = _zeros((K, E), ('kv_heads', 'head_dim'))
+      self.bv_KxE = _zeros((K, E), ('kv_heads', 'head_dim'))
+    if cfg.qk_norm:
+      self.q_norm = _ones((E,), ('norm',))
+      self.k_norm = _ones((E,), ('norm',))
+    if cfg.post_norms:
+      self.attn_out_norm = _ones((D,), ('norm',))
+      self.mlp_out_norm = _ones((D,), ('norm',))
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
-               attention: Attention) -> jax.Array:
+               local: jax.Array, attention: Attention) -> jax.Array:
+    """`local`: a boolean scalar, whether this layer attends through the sliding window."""
     cfg, dtype = self.cfg, x_BxLxD.dtype
     h = rms_norm(x_BxLxD, self.attn_norm[...], cfg.norm_eps)
     q = jnp.einsum('bld,dhe->blhe', h, self.wq_DxHxE[...].astype(dtype))
     k = jnp.einsum('bld,dke->blke', h, self.wk_DxKxE[...].astype(dtype))
     v = jnp.einsum('bld,dke->blke', h, self.wv_DxKxE[...].astype(dtype))
+    if cfg.qkv_bias:
+      q, k, v = (x + b[...].astype(dtype) for x, b in ((q, self.bq_HxE), (k, self.bk_KxE), (v, self.bv_KxE)))
+    if cfg.qk_norm:
+      q, k = rms_norm(q, self.q_norm[...], cfg.norm_eps), rms_norm(k, self.k_norm[...], cfg.norm_eps)
     freq_E2 = rope_frequencies(cfg)
+    if cfg.rope_local_theta:
+      freq_E2 = jnp.where(local, rope_frequencies(local_rope(cfg)), freq_E2)
     q = rotary(q, positions_BxL, freq_E2)
     k = rotary(k, positions_BxL, freq_E2)
-    attn_BxLxHxE = checkpoint_name(attention(q, k, v, segment_ids_BxL), 'attention')
-    x_BxLxD = x_BxLxD + jnp.einsum('blhe,hed->bld', attn_BxLxHxE, self.wo_HxExD[...].astype(dtype))
+    attn_BxLxHxE = checkpoint_name(_attend(cfg, attention, local, q, k, v, segment_ids_BxL), 'attention')
+    out_BxLxD = jnp.einsum('blhe,hed->bld', attn_BxLxHxE, self.wo_HxExD[...].astype(dtype))
+    if cfg.post_norms:
+      out_BxLxD = rms_norm(out_BxLxD, self.attn_out_norm[...], cfg.norm_eps)
+    x_BxLxD = x_BxLxD + out_BxLxD
 
     h = rms_norm(x_BxLxD, self.mlp_norm[...], cfg.norm_eps)
     gate = jnp.einsum('bld,df->blf', h, self.w_gate_DxF[...].astype(dtype))
     up = jnp.einsum('bld,df->blf', h, self.w_up_DxF[...].astype(dtype))
-    down = jnp.einsum('blf,fd->bld', jax.nn.silu(gate) * up, self.w_down_FxD[...].astype(dtype))
-    return x_BxLxD + down
+    out_BxLxD = jnp.einsum('blf,fd->bld', ACTIVATIONS[cfg.mlp_activation](gate) * up,
+                           self.w_down_FxD[...].astype(dtype))
+    if cfg.post_norms:
+      out_BxLxD = rms_norm(out_BxLxD, self.mlp_out_norm[...], cfg.norm_eps)
+    return x_BxLxD + out_BxLxD
+
+
+def local_rope(cfg: ModelConfig) -> ModelConfig:
+  """The settings whose `rope_frequencies` are the sliding-window layers' (Gemma 3's
+  own base, unscaled)."""
+  return dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling='none')
+
+
+def _attend(cfg: ModelConfig, attention: Attention, local: jax.Array, q, k, v, segment_ids) -> jax.Array:
+  window = cfg.sliding_window
+  if not window:
+    return attention(q, k, v, segment_ids)
+  if not cfg.global_layer_every:
+    return attention(q, k, v, segment_ids, window=window)
+  # The kernels take the window as a static size, so a stack of mixed layers picks one
+  # of two compiled calls per layer.
+  return jax.lax.cond(local, functools.partial(attention, window=window), attention, q, k, v, segment_ids)
 
 
 # What the backward pass keeps of each layer's forward pass; the rest it recomputes.
@@ -212,15 +294,18 @@ class Transformer(nnx.Module):
                attention: Attention = reference) -> jax.Array:
     cfg = self.cfg
     x_BxLxD = self.embed_VxD[...].astype(cfg.dtype)[tokens_BxL]
+    if cfg.embed_scale:
+      x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
 
     graphdef, layers = nnx.split(self.layers)
 
-    def layer(x, layer_params):
-      return nnx.merge(graphdef, layer_params)(x, positions_BxL, segment_ids_BxL, attention), None
+    def layer(x, layer_params_and_local):
+      layer_params, local = layer_params_and_local
+      return nnx.merge(graphdef, layer_params)(x, positions_BxL, segment_ids_BxL, local, attention), None
 
     if cfg.remat != 'save_everything':
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
-    x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, layers)
+    x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (layers, jnp.asarray(local_layers(cfg))))
     return rms_norm(x_BxLxD, self.final_norm[...], cfg.norm_eps)
 
   def unembedding(self) -> jax.Array:
@@ -231,6 +316,7 @@ class Transformer(nnx.Module):
 def param_count(cfg: ModelConfig) -> int:
   D, H, K, E, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
   per_layer = D * E * (2 * H + 2 * K) + 3 * D * F + 2 * D
+  per_layer += cfg.qkv_bias * (H + 2 * K) * E + cfg.qk_norm * 2 * E + cfg.post_norms * 2 * D
   return cfg.n_layers * per_layer + V * D * (1 if cfg.tie_embeddings else 2) + D
 
 

@@ -19,9 +19,13 @@ def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, decay
 
 
 def decay_mask(params: nnx.State) -> nnx.State:
-  """Weight decay on matrices only, told by each parameter's logical axes (two or more
-  besides the stack of layers), not by its name: norm scales and biases are not decayed."""
-  return jax.tree.map(lambda axes: sum(a != 'layers' for a in axes) >= 2, nnx.get_partition_spec(params))
+  """Weight decay on the matrices that read or write the model's width only, told by each
+  parameter's logical axes (`embed` and another besides the stack of layers), not by its
+  name: norm scales and biases ([heads, head_dim] ones too) are not decayed."""
+  def is_matrix(axes: tuple) -> bool:
+    return 'embed' in axes and sum(a != 'layers' for a in axes) >= 2
+
+  return jax.tree.map(is_matrix, nnx.get_partition_spec(params))
 
 
 def make_optimizer(schedule: optax.Schedule, *, b1: float, b2: float, eps: float,

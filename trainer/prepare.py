@@ -1,4 +1,4 @@
-"""`salt prepare`: raw text -> a sentencepiece model and tokenized ArrayRecord shards.
+"""`salt prepare`: raw text -> a tokenizer (trained, or the one given) and tokenized ArrayRecord shards.
 
 Each input file is one task, run in parallel over the cores; task i of a split writes
 
@@ -9,12 +9,15 @@ Each input file is one task, run in parallel over the cores; task i of a split w
 
 A document longer than `max_record_tokens` spans consecutive records, so a reader
 fetches a few KB for a row of tokens, never a whole book. Every document ends with
-the EOS token. A file is written under a `.partial` name and renamed when complete,
-and a task's `.json` comes after its data: re-running skips the tasks whose `.json`
-exists and redoes the rest, and `manifest.json`, written last of all, marks the whole
-directory complete. `settings.json`, written first, records the inputs (path, size,
-modification time) and every setting: a run with others refuses the directory rather
-than mix or return stale shards, unless told to prepare it again (`overwrite`).
+the EOS token. The directory holds the tokenizer's own files (a trained one is a
+sentencepiece model, tokenizer.model; a Hugging Face one is tokenizer.json and
+tokenizer_config.json), and manifest.json names the one to load. A file is written
+under a `.partial` name and renamed when complete, and a task's `.json` comes after
+its data: re-running skips the tasks whose `.json` exists and redoes the rest, and
+`manifest.json`, written last of all, marks the whole directory complete.
+`settings.json`, written first, records the inputs (path, size, modification time),
+the tokenizer and every setting: a run with others refuses the directory rather than
+mix or return stale shards, unless told to prepare it again (`overwrite`).
 """
 
 import collections
@@ -26,7 +29,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,9 +36,7 @@ import numpy as np
 import sentencepiece as spm
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from google.protobuf.message import DecodeError
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
+from trainer import tokenizer as tokenizer_lib
 from trainer.errors import UserError
 from trainer.lock import RunLock
 from trainer.processes import die_with_parent
@@ -46,7 +46,6 @@ log = logging.getLogger('salt')
 
 MANIFEST = 'manifest.json'
 SETTINGS = 'settings.json'
-TOKENIZER = 'tokenizer.model'
 MAX_PROBLEMS = 1000
 # Bumped whenever the layout of a prepared directory changes.
 FORMAT = 1
@@ -212,22 +211,6 @@ def _sentences(documents: Iterator[str], counts: collections.Counter) -> Iterato
         line = line[cut:]
 
 
-def tokenizer_sha256(path: Path) -> str:
-  """The identity of a sentencepiece model: a hash of what decides how it tokenizes (its
-  pieces, their scores and kinds, the normalizer and the encoding algorithm), not of
-  fields that only record how it was trained, so equal tokenizers compare equal."""
-  model = sp_pb2.ModelProto()
-  try:
-    model.ParseFromString(Path(path).read_bytes())
-  except DecodeError:
-    raise UserError(f'{path} is not a sentencepiece model') from None
-  spec = model.trainer_spec
-  kept = sp_pb2.TrainerSpec(model_type=spec.model_type, byte_fallback=spec.byte_fallback,
-                            treat_whitespace_as_suffix=spec.treat_whitespace_as_suffix)
-  model.trainer_spec.CopyFrom(kept)
-  return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
-
-
 def file_sha256(path: Path) -> str:
   digest = hashlib.sha256()
   with open(path, 'rb') as f:
@@ -236,29 +219,23 @@ def file_sha256(path: Path) -> str:
   return digest.hexdigest()
 
 
-def _atomic_copy(source: Path, target: Path) -> None:
-  partial = target.with_name(target.name + '.partial')
-  shutil.copyfile(source, partial)
-  os.replace(partial, target)
-
-
-_worker_tokenizer: spm.SentencePieceProcessor | None = None
+_worker_tokenizer: tokenizer_lib.Tokenizer | None = None
 
 
 def _start_worker(path: str, parent_pid: int) -> None:
   """A worker's set-up: it ends with `salt prepare` rather than write on for a killed run."""
   die_with_parent(parent_pid)
   global _worker_tokenizer
-  _worker_tokenizer = spm.SentencePieceProcessor(model_file=path)
+  _worker_tokenizer = tokenizer_lib.load(path)
 
 
 def _tokenize_file(task: dict) -> dict:
   """Tokenizes one input file into one shard; returns (and writes) its summary."""
-  sp, output, stem = _worker_tokenizer, Path(task['output']), task['stem']
+  tok, output, stem = _worker_tokenizer, Path(task['output']), task['stem']
   dtype, limit = np.dtype(task['dtype']), task['max_record_tokens']
   skips = Skips()
   documents, starts, lengths = [], [], []
-  counts = np.zeros(sp.vocab_size(), np.int64)
+  counts = np.zeros(tok.vocab_size, np.int64)
   shard = output / f'{stem}.arrayrecord'
   writer = ArrayRecordWriter(str(shard) + '.partial', 'group_size:1')
   docs = read_documents(Path(task['source']), txt_split=task['txt_split'], text_field=task['text_field'],
@@ -272,8 +249,8 @@ def _tokenize_file(task: dict) -> dict:
     starts.append(start)
     lengths.append(record.size)
 
-  end = np.array([sp.eos_id()], dtype)
-  for doc_index, pieces in enumerate(_encode(sp, docs, _newline_cut(sp))):
+  end = np.array([tok.eos_id], dtype)
+  for doc_index, pieces in enumerate(_encode(tok, docs)):
     # Records are cut as the document's ids arrive, so a long one is never held whole.
     held, start = np.zeros(0, dtype), 0
     for ids in itertools.chain(pieces, [end]):
@@ -301,15 +278,15 @@ def _tokenize_file(task: dict) -> dict:
   return summary
 
 
-def _encode(sp: spm.SentencePieceProcessor, docs: Iterator[str], newline: list[int] | None,
-            size: int = 256) -> Iterator[Iterator[np.ndarray]]:
-  """Each document's token ids, in pieces. Documents are encoded `size` at a time
-  (sentencepiece spreads a batch over threads); one longer than PART_CHARS is encoded
-  in parts, each cut after a newline, where `newline` (what `_newline_cut` found) says
-  that gives the ids of the whole: a 1 GB .txt file is never encoded whole."""
+def _encode(tok: tokenizer_lib.Tokenizer, docs: Iterator[str], size: int = 256) -> Iterator[Iterator[np.ndarray]]:
+  """Each document's token ids, in pieces. Documents are encoded `size` at a time (the
+  tokenizer spreads a batch over threads); one longer than PART_CHARS is encoded in
+  parts, each cut after a newline, where the tokenizer's `newline_ids` says that gives
+  the ids of the whole: a 1 GB .txt file is then never encoded whole."""
   def encoded(batch: list[str]) -> Iterator[list[np.ndarray]]:
-    return ([np.asarray(ids, np.int32)] for ids in sp.encode(batch))
+    return ([ids] for ids in tok.encode(batch))
 
+  newline = tok.newline_ids()
   batch = []
   for doc in docs:
     if newline is None or len(doc) <= PART_CHARS:
@@ -320,17 +297,17 @@ def _encode(sp: spm.SentencePieceProcessor, docs: Iterator[str], newline: list[i
       continue
     yield from encoded(batch)
     batch = []
-    yield _encode_parts(sp, doc, newline)
+    yield _encode_parts(tok, doc, newline)
   yield from encoded(batch)
 
 
-def _encode_parts(sp: spm.SentencePieceProcessor, doc: str, newline: list[int]) -> Iterator[np.ndarray]:
+def _encode_parts(tok: tokenizer_lib.Tokenizer, doc: str, newline: list[int]) -> Iterator[np.ndarray]:
   parts = _parts(doc)
-  yield np.asarray(sp.encode(next(parts)), np.int32)
+  yield from tok.encode([next(parts)])
   # Encoded behind a newline, a part is tokenized as it is inside the document.
   while group := ['\n' + part for part in itertools.islice(parts, PARTS_AT_ONCE)]:
-    for ids in sp.encode(group):
-      yield np.asarray(ids[len(newline):], np.int32)
+    for ids in tok.encode(group):
+      yield ids[len(newline):]
 
 
 def _parts(text: str) -> Iterator[str]:
@@ -343,33 +320,19 @@ def _parts(text: str) -> Iterator[str]:
     start = end
 
 
-def _newline_cut(sp: spm.SentencePieceProcessor) -> list[int] | None:
-  """The ids of a lone newline, where a text cut after a newline encodes as the two
-  parts do (the part after it encoded behind a newline, whose ids are dropped): the
-  normalizer leaves text as it is and no piece but the newline's holds a newline, so
-  no token spans the cut. None where that does not hold."""
-  model = sp_pb2.ModelProto()
-  model.ParseFromString(sp.serialized_model_proto())
-  normalizer = model.normalizer_spec
-  if normalizer.name != 'identity' or normalizer.remove_extra_whitespaces or normalizer.precompiled_charsmap:
-    return None
-  if any('\n' in p.piece and p.piece != '\n' for p in model.pieces):
-    return None
-  newline = sp.encode('\n')
-  return newline if sp.encode('\nx')[:len(newline)] == newline else None
-
-
 def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab_size: int = 32000,
-            tokenizer: Path | None = None, txt_split: str = 'file', text_field: str = 'text',
+            tokenizer: str | Path | None = None, txt_split: str = 'file', text_field: str = 'text',
             text_column: str = 'text', max_record_tokens: int = 2048, workers: int | None = None,
             progress: bool = False, overwrite: bool = False) -> dict:
   """Tokenizes `train` (and `validation`) inputs into `output`; returns the manifest.
 
   Resumes a directory that an interrupted run with the same inputs and settings left:
   the tokenizer and every finished task are kept; a finished one is returned as it is.
-  Raises UserError for missing inputs, an unsupported file type, a tokenizer that does
-  not exist, or a directory made from other inputs or settings (`overwrite` prepares it
-  again instead).
+  `tokenizer`: a sentencepiece model, a Hugging Face tokenizer.json, or a model
+  directory holding one (see trainer.tokenizer.load); None trains a sentencepiece model
+  of `vocab_size` tokens. Raises UserError for missing inputs, an unsupported file type,
+  a tokenizer that cannot be loaded, or a directory made from other inputs or settings
+  (`overwrite` prepares it again instead).
   """
   output = Path(output)
   if max_record_tokens < 1:
@@ -378,13 +341,13 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
   if validation:
     splits['validation'] = expand(validation)
   _check_inputs(splits, output)
-  if tokenizer and not Path(tokenizer).is_file():
-    raise UserError(f'tokenizer {str(tokenizer)!r} does not exist')
+  given = tokenizer_lib.load(tokenizer) if tokenizer else None
   settings = {
       'format': FORMAT,
       'inputs': {split: [{'path': str(f.resolve()), 'bytes': f.stat().st_size, 'mtime_ns': f.stat().st_mtime_ns}
                          for f in files] for split, files in splits.items()},
-      'tokenizer': {'sha256': file_sha256(Path(tokenizer))} if tokenizer else {'trained': vocab_size},
+      # An equal tokenizer, however its files are written, resumes the directory.
+      'tokenizer': {'sha256': given.sha256, 'files': list(given.files)} if given else {'trained': vocab_size},
       'txt_split': txt_split, 'text_field': text_field, 'text_column': text_column,
       'max_record_tokens': max_record_tokens,
   }
@@ -392,22 +355,24 @@ def prepare(train: list[str], output: Path, *, validation: list[str] = (), vocab
     _claim(output, settings, overwrite)
     if (output / MANIFEST).exists():
       return read_manifest(output)
-    return _fill(output, splits, settings, tokenizer, vocab_size, workers, progress)
+    return _fill(output, splits, settings, given, vocab_size, workers, progress)
 
 
-def _fill(output: Path, splits: dict[str, list[Path]], settings: dict, tokenizer: Path | None, vocab_size: int,
-          workers: int | None, progress: bool) -> dict:
+def _fill(output: Path, splits: dict[str, list[Path]], settings: dict, given: tokenizer_lib.Tokenizer | None,
+          vocab_size: int, workers: int | None, progress: bool) -> dict:
   """Writes the tokenizer, the shards the directory lacks and the manifest; returns it."""
   reading = {k: settings[k] for k in ('txt_split', 'text_field', 'text_column')}
-  model_path = output / TOKENIZER
-  if tokenizer:
-    _atomic_copy(Path(tokenizer), model_path)
-  elif not model_path.exists():
-    train_tokenizer((d for f in splits['train'] for d in read_documents(f, **reading, skips=Skips())), vocab_size,
-                    model_path)
+  if given:
+    given.copy_to(output)
+    model_path = output / given.files[0]
+  else:
+    model_path = output / tokenizer_lib.SENTENCEPIECE
+    if not model_path.exists():
+      train_tokenizer((d for f in splits['train'] for d in read_documents(f, **reading, skips=Skips())), vocab_size,
+                      model_path)
 
-  sp = spm.SentencePieceProcessor(model_file=str(model_path))
-  dtype = '<u2' if sp.vocab_size() <= 2**16 else '<u4'
+  tok = tokenizer_lib.load(model_path)
+  dtype = '<u2' if tok.vocab_size <= 2**16 else '<u4'
   tasks = [dict(source=str(f), output=str(output), stem=stem, dtype=dtype,
                 max_record_tokens=settings['max_record_tokens'], **reading)
            for stem, f in zip(_stems(splits), (f for files in splits.values() for f in files))]
@@ -424,7 +389,7 @@ def _fill(output: Path, splits: dict[str, list[Path]], settings: dict, tokenizer
         bar.update(1)
   bar.close()
   by_split = {split: [summaries[t['stem']] for t in tasks if t['stem'].startswith(split + '-')] for split in splits}
-  manifest = _manifest(by_split, output, sp, model_path, dtype, settings['max_record_tokens'])
+  manifest = _manifest(by_split, output, tok, model_path.name, dtype, settings['max_record_tokens'])
   if not manifest['splits']['train']['tokens']:
     sources = [str(f) for f in splits['train']]
     raise UserError(f'no document of {sources} could be read; see the problems: {manifest["problems"][:3]}')
@@ -434,11 +399,11 @@ def _fill(output: Path, splits: dict[str, list[Path]], settings: dict, tokenizer
   return manifest
 
 
-def _manifest(by_split: dict[str, list[dict]], output: Path, sp: spm.SentencePieceProcessor, model_path: Path,
+def _manifest(by_split: dict[str, list[dict]], output: Path, tok: tokenizer_lib.Tokenizer, tokenizer_file: str,
               dtype: str, max_record_tokens: int) -> dict:
   """manifest.json's content, from the summaries of each split's shards."""
   skipped, problems, manifest_splits = collections.Counter(), [], {}
-  counts = np.zeros(sp.vocab_size(), np.int64)
+  counts = np.zeros(tok.vocab_size, np.int64)
   for split, shards in by_split.items():
     for shard in shards:
       skipped.update(shard['skipped'])
@@ -452,10 +417,10 @@ def _manifest(by_split: dict[str, list[dict]], output: Path, sp: spm.SentencePie
   p = counts[counts > 0] / max(counts.sum(), 1)
   return {
       'format': FORMAT,
-      'tokenizer': TOKENIZER,
-      'tokenizer_sha256': tokenizer_sha256(model_path),
-      'vocab_size': sp.vocab_size(),
-      'eos_id': sp.eos_id(),
+      'tokenizer': tokenizer_file,
+      'tokenizer_sha256': tok.sha256,
+      'vocab_size': tok.vocab_size,
+      'eos_id': tok.eos_id,
       'dtype': np.dtype(dtype).name,
       'max_record_tokens': max_record_tokens,
       'splits': manifest_splits,
@@ -510,7 +475,8 @@ def _recorded_settings(output: Path) -> dict | None:
 
 def _written_names(settings: dict) -> list[str]:
   """The names a preparation with `settings` writes in its directory."""
-  names = [SETTINGS, MANIFEST, TOKENIZER]
+  # A trained tokenizer, and one given to a salt that did not record its files, is a sentencepiece model.
+  names = [SETTINGS, MANIFEST, *settings['tokenizer'].get('files', [tokenizer_lib.SENTENCEPIECE])]
   for stem in _stems(settings['inputs']):
     names += [f'{stem}.arrayrecord', f'{stem}.index.npz', f'{stem}.json']
   return names + [name + '.partial' for name in names]

@@ -73,12 +73,14 @@ def abstract_teacher(cfg: ModelConfig, mesh: Mesh, rules: sharding.Rules) -> Tea
   return Teacher(model=cfg, graphdef=graphdef, params=params, config={}, path='')
 
 
-def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256: str | None) -> Teacher:
+def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256: str | None,
+                 vocab_size: int | None = None) -> Teacher:
   """Restores a teacher's parameters (only) in bfloat16 into `mesh`.
 
-  Raises UserError when the path is not a checkpoint or cannot be read, or when the
+  Raises UserError when the path is not a checkpoint or cannot be read, when the
   teacher was trained with another tokenizer than `tokenizer_sha256`, the student's
-  data's (None: no data to check against).
+  data's (None: no data to check against), or has another number of vocabulary rows
+  than the student's `vocab_size` (None: no student).
   """
   meta = teacher_metadata(path)
   teacher_config = meta['config']
@@ -87,6 +89,11 @@ def load_teacher(path: str, mesh: Mesh, rules: sharding.Rules, tokenizer_sha256:
         f'the teacher {path} was trained with tokenizer {teacher_config["data"]["tokenizer_sha256"][:12]}..., '
         f'the student\'s data with {tokenizer_sha256[:12]}...; prepare the data with the teacher\'s '
         'tokenizer (salt prepare --tokenizer)')
+  rows = teacher_config['model']['vocab_size']
+  if vocab_size is not None and rows != vocab_size:
+    # One tokenizer may be padded to different sizes (Qwen2.5: 151,665 tokens, 151,936 rows).
+    raise UserError(f'the teacher {path} has {rows} vocabulary rows and the student model.vocab_size={vocab_size}; '
+                    f'distillation compares them row by row: set --config.model.vocab_size={rows}')
   abstract = abstract_teacher(teacher_model_config(teacher_config['model']), mesh, rules)
   target = abstract.params
   try:
@@ -116,7 +123,7 @@ class Stages:
     self.teacher = self.distillation_step = None
     if config.salt.teacher and first_step < self.n_kd:
       self.teacher = load_teacher(config.salt.teacher, mesh, sharding.parse_rules(config.sharding),
-                                  streams.manifest['tokenizer_sha256'])
+                                  streams.manifest['tokenizer_sha256'], config.model.vocab_size)
       self.distillation_step = program.distillation_step(self.teacher)
       log.info('teacher: %s, %.1fM parameters; distillation for steps [%d, %d)', self.teacher.path,
                param_count(self.teacher.model) / 1e6, first_step, self.n_kd)

@@ -49,13 +49,16 @@ def default_data_dir(vocab_size: int) -> Path:
 
 
 def check_tokenizer(config: ml_collections.ConfigDict, manifest: dict, data_dir: Path) -> None:
-  """The data must be tokenized for this model: same vocabulary size, same sentencepiece model."""
-  if manifest['vocab_size'] != config.model.vocab_size:
+  """The data must be tokenized for this model: by the model's tokenizer, into a vocabulary
+  that holds every id of the tokenizer. A model's vocabulary may be padded past its
+  tokenizer's (Qwen2.5: 151,936 rows for 151,665 tokens): the data never holds the
+  padding rows' ids, so they are never targets."""
+  if config.model.vocab_size < manifest['vocab_size']:
     raise UserError(f'model.vocab_size={config.model.vocab_size} but the tokenizer of {data_dir} has '
                     f'{manifest["vocab_size"]} tokens; set --config.model.vocab_size={manifest["vocab_size"]}')
   want = config.data.tokenizer_sha256
   if want and want != manifest['tokenizer_sha256']:
-    raise UserError(f'the data in {data_dir} was tokenized with sentencepiece model '
+    raise UserError(f'the data in {data_dir} was tokenized with tokenizer '
                     f'{manifest["tokenizer_sha256"][:12]}..., not the model\'s {want[:12]}...; '
                     'prepare it with `salt prepare --tokenizer` and the model\'s tokenizer')
 
@@ -141,7 +144,7 @@ def attention_fn(impl: str, cfg: ModelConfig, seq_len: int, mesh: Mesh, rules: s
   """
   backend = mesh.devices.flat[0].platform
   try:
-    chosen = attention.choose(impl, backend, jnp.dtype(cfg.dtype), seq_len, cfg.head_dim)
+    chosen = attention.choose(impl, backend, jnp.dtype(cfg.dtype), seq_len, cfg.head_dim, cfg.sliding_window)
   except ValueError as e:
     raise UserError(f'attention.impl={impl!r}: {e}; attention.impl=auto picks one that can') from None
   return attention.make_attention(chosen, mesh=mesh, batch_axes=rules['batch'], head_axes=rules['heads'],

@@ -67,3 +67,16 @@ def test_the_command_exits_2_with_the_one_line_answer(capsys):
   assert cli.main(['dryrun', '--config', 'configs/paper.py:llm', '--topology', 'v5p-8']) == 2
   err = capsys.readouterr().err
   assert 'train step does not fit on 1 x v5p-8' in err and 'Traceback' not in err
+
+
+def test_a_gemma_3_style_model_compiles_with_windowed_splash_layers():
+  """Issue 24: the families' switches on the demo model, compiled for a TPU: sliding
+  windows on all but every 2nd layer (a cond between two splash kernels per layer),
+  q/k norms, norms after each sublayer, q/k/v biases, a GELU MLP, a scaled embedding."""
+  config = config_lib.load('configs/demo.py', [
+      '--config.model.dtype=bfloat16', '--config.data.global_batch_size=4', '--config.model.sliding_window=128',
+      '--config.model.global_layer_every=2', '--config.model.rope_local_theta=10000', '--config.model.qk_norm=True',
+      '--config.model.post_norms=True', '--config.model.qkv_bias=True', '--config.model.mlp_activation=gelu_tanh',
+      '--config.model.embed_scale=True'])
+  figures = dryrun.run(config, topology='v5p-8')
+  assert figures['stages']['train step']['need_bytes'] <= figures['device_bytes']
