@@ -3,18 +3,24 @@
 # Both create (or reuse) .venv and install salt into it first.
 # `make test-tpu` compiles real TPU programs on this CPU machine (tests/tpu) in .venv-tpu,
 # which holds salt with libtpu (the `tpu` extra, ~690 MB).
+# `make test-hf` holds salt's import, prepare, score and export to transformers itself
+# (tests/hf) in .venv-hf, which holds salt with torch, transformers and tokenizers
+# (torch's CUDA build, ~5.6 GB, runs on CPU).
 
 VENV := .venv
 STAMP := $(VENV)/.installed
 TPU_VENV := .venv-tpu
 TPU_STAMP := $(TPU_VENV)/.installed
+HF_VENV := .venv-hf
+HF_STAMP := $(HF_VENV)/.installed
+HF_PINS := torch==2.14.1 transformers==5.25.0 tokenizers==0.23.3
 # The first interpreter that is Python >= 3.12; pyenv users get it from .python-version.
 PYTHON := $(shell for p in python3 python3.13 python3.12 python; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
 	&& { echo $$p; break; }; done)
 WORKDIR ?= runs/demo
 
-.PHONY: demo test test-fast test-tpu install clean
+.PHONY: demo test test-fast test-tpu test-hf install clean
 
 install: $(STAMP)
 
@@ -47,5 +53,14 @@ $(TPU_STAMP): pyproject.toml $(STAMP)
 test-tpu: $(TPU_STAMP)
 	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -m pytest tests/tpu
 
+$(HF_STAMP): pyproject.toml $(STAMP)
+	@[ -x $(HF_VENV)/bin/python ] || $(PYTHON) -m venv $(HF_VENV)
+	$(HF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(HF_VENV)/bin/python -m pip install --quiet -e '.[test]' $(HF_PINS)
+	@touch $@
+
+test-hf: $(HF_STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(HF_VENV)/bin/python -m pytest tests/hf
+
 clean:
-	rm -rf $(VENV) $(TPU_VENV) runs
+	rm -rf $(VENV) $(TPU_VENV) $(HF_VENV) runs

@@ -56,6 +56,8 @@ check() {
 if [ $small = 1 ]; then
   check attention 300 $PYTHON -m bench.attention --batch 2 --seq 256 --heads 4 --kv-heads 2 --head-dim 32 \
     --dtype float32 --mean-doc 64 --repeats 2
+  check attention-window 300 $PYTHON -m bench.attention --batch 2 --seq 256 --heads 4 --kv-heads 2 --head-dim 32 \
+    --dtype float32 --mean-doc 64 --repeats 2 --window 32
   for remat in save_nothing save_matmuls_and_attention; do
     check "step-$remat" 300 $PYTHON -m bench.step --config configs/demo.py --steps 2 --config.model.remat=$remat
   done
@@ -68,6 +70,8 @@ if [ $small = 1 ]; then
 else
   slm=(--config configs/paper.py:slm --config.data.global_batch_size=16)
   check attention 60 $PYTHON -m bench.attention
+  # Mistral's and Gemma 3's sliding windows (Gemma 3 1B: 512 tokens).
+  check attention-window 40 $PYTHON -m bench.attention --window 512
   check step-save_matmuls_and_attention 110 $PYTHON -m bench.step "${slm[@]}" --steps 10 \
     --config.model.remat=save_matmuls_and_attention --profile "$out/profile"
   # A trace is hundreds of files; one archive keeps it from crowding out the results.

@@ -86,7 +86,7 @@ def test_the_fields_marked_as_deciding_shapes_are_those_that_do():
              'rope_scaling_factor': 2.0, 'rope_low_freq_factor': 2.0, 'rope_high_freq_factor': 8.0,
              'rope_original_max_positions': 64, 'norm_eps': 1e-6, 'init_std': 0.1, 'dtype': 'float32',
              'remat': 'save_nothing', 'family': 'qwen2', 'qkv_bias': True, 'qk_norm': True, 'post_norms': True,
-             'mlp_activation': 'gelu_tanh', 'embed_scale': True, 'sliding_window': 4, 'global_layer_every': 2,
+             'mlp_activation': 'gelu_tanh', 'embed_scale': True, 'norm_plus_one': True, 'sliding_window': 4, 'global_layer_every': 2,
              'rope_local_theta': 100.0}
   assert set(changed) == {f.name for f in dataclasses.fields(ModelConfig)}  # a new field must be listed here
   deciding = {key for key, value in changed.items()

@@ -98,12 +98,32 @@ def _tokenizer_config(tok: Tokenizer, cfg: ModelConfig, seq_len: int) -> dict:
           **{k.replace('_id', ''): tok.id_to_token(i) for k, i in _special_ids(tok).items()}}
 
 
+def _without_added_tokens(post_processor: dict | None) -> dict | None:
+  """A tokenizer.json's post-processor less the templates that add BOS (or CLS/SEP):
+  transformers' fast tokenizers apply them whatever add_bos_token says."""
+  adds = ('TemplateProcessing', 'BertProcessing', 'RobertaProcessing')
+  if not post_processor or post_processor.get('type') in adds:
+    return None
+  if post_processor.get('type') == 'Sequence':
+    return {**post_processor, 'processors': [p for p in post_processor['processors'] if p.get('type') not in adds]}
+  return post_processor
+
+
+def _write_tokenizer(tok: Tokenizer, cfg: ModelConfig, seq_len: int, output: Path) -> None:
+  tok.copy_to(output)
+  if tok.kind == 'huggingface':
+    # The post-processor is not part of the tokenizer's identity: the export still imports as the same one.
+    spec = json.loads((output / 'tokenizer.json').read_text(encoding='utf-8'))
+    spec['post_processor'] = _without_added_tokens(spec.get('post_processor'))
+    (output / 'tokenizer.json').write_text(json.dumps(spec, ensure_ascii=False), encoding='utf-8')
+  (output / 'tokenizer_config.json').write_text(json.dumps(_tokenizer_config(tok, cfg, seq_len), indent=2))
+
+
 def _tensors(params: dict, cfg: ModelConfig, dtype) -> dict[str, np.ndarray]:
   """Hugging Face tensors by name, in its [out, in] layout."""
   outer, layer = families.FAMILIES[cfg.family].tensors(cfg)
 
   def to_hf(x: np.ndarray, t) -> np.ndarray:
-    x = x - np.float32(t.offset)
     return np.ascontiguousarray((x.reshape(t.shape[::-1]).T if t.transposed else x.reshape(t.shape)).astype(dtype))
 
   tensors = {t.name: to_hf(params[key], t) for key, t in outer.items()}
@@ -154,8 +174,7 @@ def export(path: Path, output: Path, *, tokenizer: Path | None = None, dtype: st
   output.mkdir(parents=True, exist_ok=True)
   files = _write_weights(tensors, output, int(max_shard_gb * 2**30))
   (output / 'config.json').write_text(json.dumps(hf, indent=2))
-  tok.copy_to(output)
-  (output / 'tokenizer_config.json').write_text(json.dumps(_tokenizer_config(tok, cfg, seq_len), indent=2))
+  _write_tokenizer(tok, cfg, seq_len, output)
   (output / 'generation_config.json').write_text(json.dumps(
       {k: i for k, i in _special_ids(tok).items() if k != 'pad_token_id'}, indent=2))
   return {'output': str(output), 'files': files, 'parameters': int(sum(x.size for x in tensors.values())),

@@ -142,7 +142,7 @@ def _read_params(tensors: _Tensors, cfg: ModelConfig, shapes: dict) -> dict:
 
   def to_salt(t: Tensor, name: str, shape: tuple[int, ...]) -> np.ndarray:
     w = tensors.read(name).astype(np.float32)
-    return (w.T if t.transposed else w).reshape(shape) + np.float32(t.offset)
+    return (w.T if t.transposed else w).reshape(shape)
 
   params = {key: np.ascontiguousarray(to_salt(t, t.name, shapes[key].shape)) for key, t in outer.items()}
   params['layers'] = {}

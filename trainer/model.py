@@ -72,6 +72,7 @@ class ModelConfig:
   post_norms: bool = _shapes(False)  # RMSNorm of each sublayer's output before the residual add
   mlp_activation: str = 'silu'  # of the gate; one of ACTIVATIONS
   embed_scale: bool = False  # the embedding times sqrt(d_model)
+  norm_plus_one: bool = False  # norms scale by 1 + w, w starting at 0 (Gemma's; kept as w, exact in bf16)
   # Sliding-window attention (a token sees the last `sliding_window` tokens of its
   # document; 0: all of them) on every layer, or with `global_layer_every` = n on all
   # but every n-th; `rope_local_theta` is the windowed layers' RoPE base, unscaled
@@ -131,6 +132,15 @@ def _zeros(shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
   return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, axes)(None, shape, jnp.float32))
 
 
+def _norm_scale(cfg: ModelConfig, size: int) -> nnx.Param:
+  return (_zeros if cfg.norm_plus_one else _ones)((size,), ('norm',))
+
+
+def _normed(cfg: ModelConfig, x: jax.Array, scale: nnx.Param) -> jax.Array:
+  w = scale[...].astype(jnp.float32)
+  return rms_norm(x, 1 + w if cfg.norm_plus_one else w, cfg.norm_eps)
+
+
 def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   x = x_BxLxD.astype(jnp.float32)
   x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
@@ -186,12 +196,12 @@ class Block(nnx.Module):
     in_std = D ** -0.5
     # Output projections shrink with depth so the residual stream keeps its scale.
     out_std = (2 * cfg.n_layers * D) ** -0.5
-    self.attn_norm = _ones((D,), ('norm',))
+    self.attn_norm = _norm_scale(cfg, D)
     self.wq_DxHxE = _param(rngs, (D, H, E), ('embed', 'heads', 'head_dim'), in_std)
     self.wk_DxKxE = _param(rngs, (D, K, E), ('embed', 'kv_heads', 'head_dim'), in_std)
     self.wv_DxKxE = _param(rngs, (D, K, E), ('embed', 'kv_heads', 'head_dim'), in_std)
     self.wo_HxExD = _param(rngs, (H, E, D), ('heads', 'head_dim', 'embed'), out_std)
-    self.mlp_norm = _ones((D,), ('norm',))
+    self.mlp_norm = _norm_scale(cfg, D)
     self.w_gate_DxF = _param(rngs, (D, F), ('embed', 'mlp'), in_std)
     self.w_up_DxF = _param(rngs, (D, F), ('embed', 'mlp'), in_std)
     self.w_down_FxD = _param(rngs, (F, D), ('mlp', 'embed'), out_std)
@@ -200,24 +210,24 @@ class Block(nnx.Module):
       self.bk_KxE = _zeros((K, E), ('kv_heads', 'head_dim'))
       self.bv_KxE = _zeros((K, E), ('kv_heads', 'head_dim'))
     if cfg.qk_norm:
-      self.q_norm = _ones((E,), ('norm',))
-      self.k_norm = _ones((E,), ('norm',))
+      self.q_norm = _norm_scale(cfg, E)
+      self.k_norm = _norm_scale(cfg, E)
     if cfg.post_norms:
-      self.attn_out_norm = _ones((D,), ('norm',))
-      self.mlp_out_norm = _ones((D,), ('norm',))
+      self.attn_out_norm = _norm_scale(cfg, D)
+      self.mlp_out_norm = _norm_scale(cfg, D)
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
                local: jax.Array, attention: Attention) -> jax.Array:
     """`local`: a boolean scalar, whether this layer attends through the sliding window."""
     cfg, dtype = self.cfg, x_BxLxD.dtype
-    h = rms_norm(x_BxLxD, self.attn_norm[...], cfg.norm_eps)
+    h = _normed(cfg, x_BxLxD, self.attn_norm)
     q = jnp.einsum('bld,dhe->blhe', h, self.wq_DxHxE[...].astype(dtype))
     k = jnp.einsum('bld,dke->blke', h, self.wk_DxKxE[...].astype(dtype))
     v = jnp.einsum('bld,dke->blke', h, self.wv_DxKxE[...].astype(dtype))
     if cfg.qkv_bias:
       q, k, v = (x + b[...].astype(dtype) for x, b in ((q, self.bq_HxE), (k, self.bk_KxE), (v, self.bv_KxE)))
     if cfg.qk_norm:
-      q, k = rms_norm(q, self.q_norm[...], cfg.norm_eps), rms_norm(k, self.k_norm[...], cfg.norm_eps)
+      q, k = _normed(cfg, q, self.q_norm), _normed(cfg, k, self.k_norm)
     freq_E2 = rope_frequencies(cfg)
     if cfg.rope_local_theta:
       freq_E2 = jnp.where(local, rope_frequencies(local_rope(cfg)), freq_E2)
@@ -226,16 +236,16 @@ class Block(nnx.Module):
     attn_BxLxHxE = checkpoint_name(_attend(cfg, attention, local, q, k, v, segment_ids_BxL), 'attention')
     out_BxLxD = jnp.einsum('blhe,hed->bld', attn_BxLxHxE, self.wo_HxExD[...].astype(dtype))
     if cfg.post_norms:
-      out_BxLxD = rms_norm(out_BxLxD, self.attn_out_norm[...], cfg.norm_eps)
+      out_BxLxD = _normed(cfg, out_BxLxD, self.attn_out_norm)
     x_BxLxD = x_BxLxD + out_BxLxD
 
-    h = rms_norm(x_BxLxD, self.mlp_norm[...], cfg.norm_eps)
+    h = _normed(cfg, x_BxLxD, self.mlp_norm)
     gate = jnp.einsum('bld,df->blf', h, self.w_gate_DxF[...].astype(dtype))
     up = jnp.einsum('bld,df->blf', h, self.w_up_DxF[...].astype(dtype))
     out_BxLxD = jnp.einsum('blf,fd->bld', ACTIVATIONS[cfg.mlp_activation](gate) * up,
                            self.w_down_FxD[...].astype(dtype))
     if cfg.post_norms:
-      out_BxLxD = rms_norm(out_BxLxD, self.mlp_out_norm[...], cfg.norm_eps)
+      out_BxLxD = _normed(cfg, out_BxLxD, self.mlp_out_norm)
     return x_BxLxD + out_BxLxD
 
 
@@ -286,7 +296,7 @@ class Transformer(nnx.Module):
         lambda key: Block(cfg, nnx.Rngs(params=key)),
         transform_metadata={nnx.PARTITION_NAME: 'layers'},
     )(layer_keys)
-    self.final_norm = _ones((D,), ('norm',))
+    self.final_norm = _norm_scale(cfg, D)
     if not cfg.tie_embeddings:
       self.unembed_DxV = _param(rngs, (D, V), ('embed', 'vocab'), D ** -0.5)
 
@@ -306,7 +316,7 @@ class Transformer(nnx.Module):
     if cfg.remat != 'save_everything':
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
     x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (layers, jnp.asarray(local_layers(cfg))))
-    return rms_norm(x_BxLxD, self.final_norm[...], cfg.norm_eps)
+    return _normed(cfg, x_BxLxD, self.final_norm)
 
   def unembedding(self) -> jax.Array:
     """The [D, V] output matrix (the transposed embedding when tied), float32."""

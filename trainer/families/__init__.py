@@ -47,5 +47,5 @@ def for_model(cfg: ModelConfig) -> ModuleType:
 
 
 # The settings that set a family apart; one a family does not read must keep its default.
-_FEATURES = ('qkv_bias', 'qk_norm', 'post_norms', 'mlp_activation', 'embed_scale', 'sliding_window',
-             'global_layer_every', 'rope_local_theta')
+_FEATURES = ('qkv_bias', 'qk_norm', 'post_norms', 'mlp_activation', 'embed_scale', 'norm_plus_one',
+             'sliding_window', 'global_layer_every', 'rope_local_theta')

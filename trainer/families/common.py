@@ -18,12 +18,11 @@ CONFIG = 'config.json'
 
 
 class Tensor(NamedTuple):
-  """A Hugging Face tensor: its name, its shape there, whether salt holds it transposed
-  (every nn.Linear weight) and what salt adds to it (Gemma's norms scale by 1 + w)."""
+  """A Hugging Face tensor: its name, its shape there, and whether salt holds it
+  transposed (every nn.Linear weight)."""
   name: str
   shape: tuple[int, ...]
   transposed: bool = False
-  offset: float = 0.0
 
 
 # salt parameter -> its Hugging Face tensor; layer names hold {i}.

@@ -2,8 +2,7 @@
 
 Its differences from the base block: a GELU (tanh) MLP; RMSNorms of the queries and
 keys, and after attention and the MLP as well as before; the embedding scaled by
-sqrt(d_model); norms that scale by 1 + w (salt imports them with the 1 added); and
-sliding-window layers, five to each global one, with their own unscaled RoPE base.
+sqrt(d_model); norms that scale by 1 + w; and sliding-window layers, five to each global one, with their own unscaled RoPE base.
 """
 
 from typing import Any
@@ -32,6 +31,7 @@ def from_hf(hf: dict) -> dict[str, Any]:
       ('attention_bias', hf.get('attention_bias', False), "salt's Gemma has no attention bias"),
   ])
   settings.update(family=MODEL_TYPE, mlp_activation='gelu_tanh', qk_norm=True, post_norms=True, embed_scale=True,
+                  norm_plus_one=True,
                   sliding_window=common.size(hf, 'sliding_window', 4096),
                   global_layer_every=_global_layer_every(hf, settings['n_layers']), **_rope(hf))
   return settings
@@ -86,9 +86,8 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
 def tensors(cfg: ModelConfig) -> tuple[common.Layout, common.Layout]:
   outer, layer = common.llama_tensors(cfg)
   D, E = cfg.d_model, cfg.head_dim
-  outer['final_norm'] = outer['final_norm']._replace(offset=1.0)
   norms = {'attn_norm': ('input_layernorm.weight', D), 'attn_out_norm': ('post_attention_layernorm.weight', D),
            'mlp_norm': ('pre_feedforward_layernorm.weight', D), 'mlp_out_norm': ('post_feedforward_layernorm.weight', D),
            'q_norm': ('self_attn.q_norm.weight', E), 'k_norm': ('self_attn.k_norm.weight', E)}
-  layer.update(common.in_layers({key: common.Tensor(name, (size,), offset=1.0) for key, (name, size) in norms.items()}))
+  layer.update(common.in_layers({key: common.Tensor(name, (size,)) for key, (name, size) in norms.items()}))
   return outer, layer
