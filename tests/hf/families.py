@@ -37,9 +37,8 @@ from trainer.prepare import prepare
 
 # transformers 5 requires Hugging Face's `kernels` package, and its modeling code imports
 # it where it finds it: salt's own top-level `kernels` package, first on sys.path here,
-# takes its name (test_the_salt_command_runs_beside_transformers). Until salt's package
-# has a name of its own, transformers is told that hub kernels, GPU code it never runs
-# on CPU, are not installed.
+# takes its name. Until salt's package has a name of its own, transformers is told that
+# hub kernels, GPU code it never runs on CPU, are not installed.
 import_utils.is_kernels_available = transformers.utils.is_kernels_available = lambda *_, **__: False
 
 # A document of what the corpus lacks: bytes beyond ASCII, digits, runs of spaces, a tab, a blank line.
