@@ -13,7 +13,7 @@ TPU_VENV := .venv-tpu
 TPU_STAMP := $(TPU_VENV)/.installed
 HF_VENV := .venv-hf
 HF_STAMP := $(HF_VENV)/.installed
-HF_PINS := torch==2.14.1 transformers==5.25.0 tokenizers==0.23.3
+HF_PINS := torch==2.14.1 transformers==5.25.0 tokenizers==0.23.3 lm_eval==0.4.13 accelerate==1.16.0
 # The first interpreter that is Python >= 3.12; pyenv users get it from .python-version.
 PYTHON := $(shell for p in python3 python3.13 python3.12 python; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \

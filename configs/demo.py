@@ -9,7 +9,8 @@
 
 With no `data.path` the embedded Shakespeare corpus is downloaded once and prepared
 with a 2048-token sentencepiece vocabulary (DATA: ~/.cache/salt/shakespeare/
-prepared-f1-v2048); three whole plays are held out for validation.
+prepared-f1-v2048); three whole plays are held out for validation, and the few-shot
+tasks every evaluation scores are built from them (~/.cache/salt/shakespeare/tasks).
 """
 
 from trainer.config import defaults
@@ -36,7 +37,9 @@ def get_config(arg=None):
   c.data.update(seq_len=256, global_batch_size=8)
   c.optim.update(lr=2e-3, warmup_steps=30, weight_decay=0.1)
   c.loss.vocab_chunk = 1024
-  c.eval.update(every_steps=20, batches=8)
+  # Beside the loss, few-shot accuracy on two tasks of the held-out plays (trainer/corpus.py),
+  # 2 demonstrations each: 800 rows of the model per evaluation.
+  c.eval.update(every_steps=20, batches=8, tasks='next_line,next_speaker', task_shots=2)
   c.log.every_steps = 20
   if arg == 'slm':
     # Smaller than the student (a fifth of the parameters, a quarter of the step time).

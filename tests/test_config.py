@@ -55,6 +55,9 @@ def test_int_is_accepted_for_a_float_key():
     (['--config.log.every_steps=0'], 'log.every_steps=0 must be positive'),
     (['--config.eval.every_steps=0'], 'eval.every_steps=0 must be positive'),
     (['--config.eval.batches=0'], 'eval.batches=0 must be positive'),
+    # Issue 25: the evaluation tasks' settings.
+    (['--config.eval.task_shots=-1'], 'eval.task_shots=-1 must be >= 0'),
+    (['--config.eval.task_every_steps=-5'], 'eval.task_every_steps=-5 must be >= 0'),
     (['--config.data.global_batch_size=0'], 'data.global_batch_size=0 must be positive'),
     (['--config.sharding.mlp=model'], "sharding.mlp='model' names mesh axis 'model'"),
     # Issue 23, 5: optimizer values that trained "successfully" while the loss rose or nothing learned.

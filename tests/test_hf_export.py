@@ -9,10 +9,11 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.helpers import tiny_config, write_corpus
-from tests.test_hf_import import CASES, TOKENS, random_weights, teacher_logits, write_model
+from tests.test_hf_import import CASES, random_weights, write_model
 from trainer import cli, train
+from trainer.checkpoint_files import read_checkpoint
 from trainer.errors import UserError
-from trainer.hf_export import export, hf_config, read_checkpoint
+from trainer.hf_export import export, hf_config
 from trainer.hf_import import import_teacher
 from trainer.model import ModelConfig
 from trainer.prepare import prepare

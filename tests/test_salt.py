@@ -116,7 +116,7 @@ def test_a_student_padded_to_another_vocabulary_than_its_teacher_is_one_line(tin
   come with two sizes; distillation needs the teacher's."""
   config = salt_config(tiny_data, teacher_path)
   config.model.vocab_size += 16
-  with pytest.raises(UserError, match=f'has 320 vocabulary rows and the student model.vocab_size=336; .*'
+  with pytest.raises(UserError, match='has 320 vocabulary rows and the student model.vocab_size=336; .*'
                                       'set --config.model.vocab_size=320'):
     train.train(config, tmp_path / 'run')
 

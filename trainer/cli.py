@@ -1,6 +1,7 @@
-"""The `salt` command: train, demo, prepare, score, import-teacher, export, dryrun, launch."""
+"""The `salt` command: train, demo, prepare, score, import-teacher, export, sample, eval, dryrun, launch."""
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -83,6 +84,47 @@ def _export(args, overrides):
   log.info('exported %.1fM parameters (%s) to %s: %s\n  evaluate: lm_eval --model hf --model_args pretrained=%s '
            '--tasks TASKS', summary['parameters'] / 1e6, summary['dtype'], summary['output'],
            ', '.join(summary['files']), summary['output'])
+
+
+def _sample(args, overrides):
+  from trainer import decode
+
+  if overrides:
+    raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
+  prompts = decode.read_prompts(args.prompt, Path(args.prompts) if args.prompts else None)
+  sampling = decode.Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed)
+  # One prompt on a terminal shows its text as it comes; otherwise the whole text at the end.
+  streaming = len(prompts) == 1 and sys.stdout.isatty()
+  texts = decode.sample(Path(args.checkpoint), prompts, sampling, tokenizer=args.tokenizer,
+                        stream=_write_now if streaming else None)
+  if streaming:
+    print()
+  elif len(prompts) == 1:
+    print(texts[0])
+  else:
+    for prompt, text in zip(prompts, texts):
+      print(json.dumps({'prompt': prompt, 'continuation': text}, ensure_ascii=False))
+
+
+def _write_now(text: str) -> None:
+  sys.stdout.write(text)
+  sys.stdout.flush()
+
+
+def _eval(args, overrides):
+  import jax
+
+  from trainer import distributed
+  from trainer.train import evaluate_checkpoint
+
+  if overrides:
+    raise UserError(f'unrecognized arguments: {" ".join(overrides)}')
+  distributed.initialize()
+  lines = evaluate_checkpoint(Path(args.checkpoint), args.tasks, shots=args.shots, tokenizer=args.tokenizer)
+  if jax.process_index() == 0:
+    for line in lines:
+      print(json.dumps(line, ensure_ascii=False))
 
 
 def _dryrun(args, overrides):
@@ -194,6 +236,34 @@ def parser() -> argparse.ArgumentParser:
   ex.add_argument('--dtype', default='float32', help='float32 (as trained, the default) or bfloat16 (half the size)')
   ex.add_argument('--max-shard-gb', type=float, default=5.0, help='largest safetensors file; beyond it, shards')
   ex.set_defaults(run=_export)
+
+  ev = sub.add_parser('eval', help='few-shot accuracy of a checkpoint on evaluation tasks, as in the run',
+                      usage='salt eval CHECKPOINT [--tasks FILE.jsonl,...] [--shots K] [--tokenizer PATH]')
+  ev.add_argument('checkpoint', metavar='CHECKPOINT', help='RUN/checkpoints/STEP')
+  ev.add_argument('--tasks', help="task files (.jsonl), comma-separated, or the embedded corpus's tasks "
+                  "(next_line, next_speaker); default: the run's eval.tasks. Prints a JSON line per task")
+  ev.add_argument('--shots', type=int, help="demonstrations before each example (default: the run's eval.task_shots)")
+  ev.add_argument('--tokenizer', metavar='PATH', help="the run's tokenizer, where it is not found "
+                  "beside the checkpoints or in the run's data directory")
+  ev.set_defaults(run=_eval)
+
+  sa = sub.add_parser('sample', help='generate text from a checkpoint',
+                      usage='salt sample CHECKPOINT [--prompt TEXT] [--prompts FILE] [--max-tokens N] '
+                            '[--temperature T] [--top-k K] [--top-p P] [--seed S] [--tokenizer PATH]')
+  sa.add_argument('checkpoint', metavar='CHECKPOINT', help="RUN/checkpoints/STEP, or an imported teacher's "
+                  'OUT/checkpoints/0')
+  sa.add_argument('--prompt', metavar='TEXT', help='the text to continue')
+  sa.add_argument('--prompts', metavar='FILE', help='a file of prompts, one per line, generated as one batch; '
+                  'prints a JSON line per prompt: {"prompt", "continuation"}')
+  sa.add_argument('--max-tokens', type=int, default=128, help='new tokens at most; a prompt stops earlier at EOS')
+  sa.add_argument('--temperature', type=float, default=1.0, help='divides the logits; 0: greedy')
+  sa.add_argument('--top-k', type=int, default=0, help='draw from the k most likely tokens only (0: all)')
+  sa.add_argument('--top-p', type=float, default=1.0,
+                  help='then from the most likely tokens whose probability reaches p only (1: all)')
+  sa.add_argument('--seed', type=int, default=0, help='the same seed gives the same text')
+  sa.add_argument('--tokenizer', metavar='PATH', help="the run's tokenizer, where it is not found "
+                  "beside the checkpoints or in the run's data directory")
+  sa.set_defaults(run=_sample)
   return p
 
 

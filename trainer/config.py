@@ -126,7 +126,16 @@ def defaults() -> ml_collections.ConfigDict:
   # A loss or gradient that is not finite: 'stop' the run (the last checkpoint is the
   # last good state) or 'skip' the batch, leaving the state as it was.
   c.nonfinite = 'stop'
-  c.eval = dict(every_steps=200, batches=8)
+  c.eval = dict(
+      every_steps=200,
+      batches=8,
+      # Few-shot tasks scored beside the loss (trainer/tasks.py): task files (.jsonl),
+      # comma-separated or a list, or the embedded corpus's (trainer/corpus.py TASKS); '' = none.
+      tasks=ml_collections.FieldReference('', field_type=object),
+      task_shots=0,  # demonstrations before each example
+      task_separator='\n\n',  # between demonstrations, and before the example's context
+      task_every_steps=0,  # 0: eval.every_steps
+  )
   c.log = dict(every_steps=10)
   return c
 
@@ -281,6 +290,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   for key in ('log.every_steps', 'eval.every_steps', 'eval.batches'):
     group, name = key.split('.')
     _require(config[group][name] > 0, f'{key}={config[group][name]} must be positive')
+  for key in ('task_shots', 'task_every_steps'):
+    _require(config.eval[key] >= 0, f'eval.{key}={config.eval[key]} must be >= 0')
+  _require(isinstance(config.eval.tasks, (str, list, tuple)),
+           f'eval.tasks={config.eval.tasks!r} must be comma-separated task files or a list of them')
   _check_optimizer(o)
   _require(0 <= o.warmup_steps < config.total_steps,
            f'optim.warmup_steps={o.warmup_steps} must be in [0, total_steps={config.total_steps})')

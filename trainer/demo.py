@@ -6,6 +6,10 @@
   4. train the same student with SALT for the same steps   configs/demo.py:salt
   5. compare them: report.md, val_loss_vs_steps.png, val_loss_vs_time.png
 
+Every evaluation also scores the few-shot tasks of eval.tasks (configs/demo.py: the
+embedded corpus's next_line and next_speaker, trainer/corpus.py); the report gives
+their accuracy beside the loss.
+
 With --seeds N, steps 3 and 4 run for seeds 0..N-1 (the students' initialisation and
 data order; the SLM and its scores are shared), and the report adds each seed's result,
 the mean and sd of the final losses and the paired difference with its 95% interval.
@@ -24,9 +28,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from configs import demo as demo_configs
+from trainer import tasks
 from trainer.model import ModelConfig, param_count
 from trainer.score import describe, score
-from trainer.train import default_data_dir, train
+from trainer.train import default_data_dir, task_files, train
 
 log = logging.getLogger('salt')
 
@@ -36,6 +41,8 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
          20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
          29: 2.045, 30: 2.042}
+# BENCHMARKS.md, "Demo": SALT - baseline in final validation loss over three seeds (mean, 95% interval).
+THREE_SEEDS = (-0.0096, -0.139, 0.120)
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -97,12 +104,34 @@ def _scored_by(scores: Path, teacher: Path) -> bool:
 
 
 def eval_curve(run_dir: Path) -> dict[str, np.ndarray]:
-  """Step, training seconds and validation loss at each evaluation of a run."""
+  """Step, training seconds, validation loss and each task's accuracy (by task name; NaN
+  where not scored) at each evaluation of a run."""
   rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
   # A resumed run appends; a step logged twice keeps its last record.
   rows = list({r['step']: r for r in rows if 'eval_loss' in r}.values())
-  return {k: np.array([r[m] for r in rows], float)
-          for k, m in (('step', 'step'), ('seconds', 'train_seconds'), ('loss', 'eval_loss'))}
+  curve = {k: np.array([r[m] for r in rows], float)
+           for k, m in (('step', 'step'), ('seconds', 'train_seconds'), ('loss', 'eval_loss'))}
+  accuracies = sorted({k for r in rows for k in r if k.startswith('tasks/') and k.endswith('/acc')})
+  curve.update({k.split('/')[1]: np.array([r.get(k, np.nan) for r in rows], float) for k in accuracies})
+  return curve
+
+
+def task_names(curve: dict[str, np.ndarray]) -> list[str]:
+  return [k for k in curve if k not in ('step', 'seconds', 'loss')]
+
+
+def noise_lines(config: ml_collections.ConfigDict, names: list[str], accuracy: dict[str, float]) -> list[str]:
+  """What one seed can tell: the three-seed interval of the loss, each accuracy's sampling error."""
+  mean, low, high = THREE_SEEDS
+  counts = {t.name: len(t.examples) for t in tasks.read_tasks(task_files(tasks.names(config.eval.tasks)))}
+  errors = [f'{name} {np.sqrt(accuracy[name] * (1 - accuracy[name]) / counts[name]):.3f} ({counts[name]} examples)'
+            for name in names if name in counts]
+  return [
+      f'One seed: a difference in final loss smaller than the three-seed interval in BENCHMARKS.md (paired '
+      f'difference {mean:+.4f}, 95% interval [{low:+.3f}, {high:+.3f}] nats/token) is within seed noise, and says '
+      'nothing of which method is better.'
+      + (f' Each accuracy is the share right of its task\'s examples, with a (binomial) standard error of about '
+         f'{", ".join(errors)}: differences of that size are noise too.' if errors else ''), '']
 
 
 def first_reach(x: np.ndarray, loss: np.ndarray, target: float) -> float | None:
@@ -130,6 +159,8 @@ def write_report(workdir: Path, salt: ml_collections.ConfigDict, slm: ml_collect
   scored = json.loads((workdir / 'scores.json').read_text())
   selected = json.loads((workdir / 'salt' / 'config.json').read_text())['selection']
   n_kd, total = salt.salt.n_kd, salt.total_steps
+  names = task_names(base)
+  accuracy_head = ''.join(f' {n} acc |' for n in names)
   _plot(curves, 'step', 'step', n_kd, slm_loss, workdir / 'val_loss_vs_steps.png')
   _plot(curves, 'seconds', 'training seconds (evaluation excluded)', None, slm_loss,
         workdir / 'val_loss_vs_time.png')
@@ -151,14 +182,18 @@ def write_report(workdir: Path, salt: ml_collections.ConfigDict, slm: ml_collect
       f'{salt.data.selection.keep_fraction:.0%} of the {scored["scored"]} it scored: every {scored["every"]}th '
       f'of {selected["of"]}).', '',
       verdict, '',
-      '| run | final validation loss (nats/token) | training seconds |', '|---|---|---|',
-      f'| SLM (teacher) | {slm_loss:.4f} | {teacher_curve["seconds"][-1]:.0f} |',
-      f'| baseline | {base["loss"][-1]:.4f} | {base["seconds"][-1]:.0f} |',
-      f'| SALT | {kd["loss"][-1]:.4f} | {kd["seconds"][-1]:.0f} |', '',
+      f'| run | final validation loss (nats/token) |{accuracy_head} training seconds |',
+      '|---|---|' + '---|' * len(names) + '---|',
+      *(f'| {run} | {c["loss"][-1]:.4f} |{_accuracies(c, names)} {c["seconds"][-1]:.0f} |'
+        for run, c in (('SLM (teacher)', teacher_curve), ('baseline', base), ('SALT', kd))), '',
+      *(noise_lines(salt, names, {n: kd[n][-1] for n in names}) if seeds == 1 else []),
       f'The SLM\'s training and the scoring ({scored["seconds"]:.0f} s) are not in the students\' seconds: '
       'they are paid once per SLM, whatever the number of students it teaches.', '',
-      '| step | baseline | SALT |', '|---|---|---|',
-      *(f'| {s:.0f} | {b:.4f} | {k:.4f} |' for s, b, k in zip(base['step'], base['loss'], kd['loss'])), '',
+      '| step | baseline loss | SALT loss |' + ''.join(f' baseline {n} acc | SALT {n} acc |' for n in names),
+      '|---|---|---|' + '---|---|' * len(names),
+      *(f'| {s:.0f} | {base["loss"][i]:.4f} | {kd["loss"][i]:.4f} |'
+        + ''.join(f' {_accuracy(base[n][i])} | {_accuracy(kd[n][i])} |' for n in names)
+        for i, s in enumerate(base['step'])), '',
       *(seed_lines(curves, total) if seeds > 1 else []),
       '![validation loss against steps](val_loss_vs_steps.png)',
       '![validation loss against training time](val_loss_vs_time.png)', '',
@@ -166,6 +201,15 @@ def write_report(workdir: Path, salt: ml_collections.ConfigDict, slm: ml_collect
   report = workdir / 'report.md'
   report.write_text('\n'.join(lines))
   return report
+
+
+def _accuracy(value: float) -> str:
+  return 'n/a' if np.isnan(value) else f'{value:.3f}'
+
+
+def _accuracies(curve: dict[str, np.ndarray], names: list[str]) -> str:
+  """The last accuracy each task has in `curve` (the SLM's runs may score no task)."""
+  return ''.join(f' {_accuracy(curve[n][-1]) if n in curve else "n/a"} |' for n in names)
 
 
 def paired_difference(salt_final: np.ndarray, baseline_final: np.ndarray) -> tuple[float, float, float]:

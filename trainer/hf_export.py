@@ -15,64 +15,18 @@ import json
 import math
 from pathlib import Path
 
-import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
-from flax import nnx
 from safetensors.numpy import save_file
 
-from trainer import checkpoint, families, step
+from trainer import families
+from trainer.checkpoint_files import checkpoint_tokenizer, read_checkpoint
 from trainer.errors import UserError
 from trainer.hf_import import WEIGHTS, WEIGHTS_INDEX
 from trainer.model import ModelConfig
-from trainer.prepare import read_manifest
-from trainer.tokenizer import Tokenizer, load as load_tokenizer
+from trainer.tokenizer import Tokenizer
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
-
-
-def read_checkpoint(path: Path) -> tuple[dict, dict]:
-  """The checkpoint's resolved config, and its parameters (only) on the host as NumPy
-  arrays, by salt name."""
-  path = Path(path)
-  if not path.name.isdigit() or not (path / 'state').is_dir():
-    raise UserError(f'{path} is not a salt checkpoint (RUN/checkpoints/STEP)')
-  config = checkpoint.read_meta(path, named=str(path))['config']
-  _, target = step.abstract_model(ModelConfig(**config['model']))
-  restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  try:
-    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-        checkpoint.absolute(path / 'state'),
-        args=ocp.args.PyTreeRestore(item={'params': target}, partial_restore=True,
-                                    restore_args={'params': restore_args}))
-  except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
-    raise UserError(f'{path}: cannot read its parameters ({type(e).__name__})') from None
-  return config, nnx.to_pure_dict(restored['params'])
-
-
-def _tokenizer(path: Path, config: dict, given: Path | None) -> Tokenizer:
-  """The tokenizer the checkpoint was trained with: --tokenizer, the imported teacher's
-  beside its checkpoints, or its data's; checked against the recorded identity."""
-  want = config['data']['tokenizer_sha256']
-  candidates = [Path(given)] if given else [path.parent.parent]
-  data_dir = Path(config['data'].get('path') or '')
-  if not given and (data_dir / 'manifest.json').is_file():
-    candidates.append(data_dir / read_manifest(data_dir)['tokenizer'])
-  for candidate in candidates:
-    try:
-      found = load_tokenizer(candidate)
-    except UserError:
-      if given:
-        raise
-      continue
-    if found.sha256 == want:
-      return found
-  if given:
-    raise UserError(f'--tokenizer {str(given)!r} is not the tokenizer the checkpoint was trained with '
-                    f'(sha256 {want[:12]}...)')
-  raise UserError(f'the tokenizer of {path} (sha256 {want[:12]}...) is in none of {", ".join(map(str, candidates))}; '
-                  'give it with --tokenizer')
 
 
 def hf_config(cfg: ModelConfig, seq_len: int, tok: Tokenizer, dtype: str) -> dict:
@@ -167,7 +121,7 @@ def export(path: Path, output: Path, *, tokenizer: Path | None = None, dtype: st
   config, params = read_checkpoint(path)
   cfg = ModelConfig(**config['model'])
   seq_len = config['data']['seq_len']
-  tok = _tokenizer(path, config, tokenizer)
+  tok = checkpoint_tokenizer(path, config, tokenizer)
   hf = hf_config(cfg, seq_len, tok, dtype)
   tensors = _tensors(params, cfg, DTYPES[dtype])
 

@@ -14,14 +14,18 @@ layer (Mistral) or on all but every n-th layer, with its own RoPE base (Gemma 3)
 Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `layers`, `norm`); `trainer.sharding` maps them to mesh axes.
 
+`Transformer.decode` runs the same layers one document per row over a KV cache, a few
+tokens at a time (`salt sample`, trainer/decode.py).
+
 Shapes in names:
   B batch, L sequence length, D model width, H query heads, K key/value heads,
   G query heads per key/value head (H = K * G), E head dim, F MLP width,
-  V vocabulary, N layers.
+  V vocabulary, N layers, S the slots of a KV cache.
 """
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -219,6 +223,27 @@ class Block(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
                local: jax.Array, attention: Attention) -> jax.Array:
     """`local`: a boolean scalar, whether this layer attends through the sliding window."""
+    q, k, v = self._queries_keys_values(x_BxLxD, positions_BxL, local)
+    attn_BxLxHxE = checkpoint_name(_attend(self.cfg, attention, local, q, k, v, segment_ids_BxL), 'attention')
+    return self._after_attention(x_BxLxD, attn_BxLxHxE)
+
+  def cached(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, local: jax.Array, k_BxSxKxE: jax.Array,
+             v_BxSxKxE: jax.Array, slot_positions_BxS: jax.Array,
+             index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The layer on L new tokens of one document per row, written into cache slots
+    [index, index + L) whose positions `slot_positions_BxS` already holds; returns the
+    output and the updated cache."""
+    q, k, v = self._queries_keys_values(x_BxLxD, positions_BxL, local)
+    k_BxSxKxE = jax.lax.dynamic_update_slice_in_dim(k_BxSxKxE, k.astype(k_BxSxKxE.dtype), index, axis=1)
+    v_BxSxKxE = jax.lax.dynamic_update_slice_in_dim(v_BxSxKxE, v.astype(v_BxSxKxE.dtype), index, axis=1)
+    mask = cache_mask(positions_BxL, slot_positions_BxS, self.cfg.sliding_window, local)
+    attn_BxLxHxE = jax.nn.dot_product_attention(q, k_BxSxKxE, v_BxSxKxE, mask=mask)
+    return self._after_attention(x_BxLxD, attn_BxLxHxE), k_BxSxKxE, v_BxSxKxE
+
+  def _queries_keys_values(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+                           local: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, L, H, E], k and v [B, L, K, E]: projected, normed and rotated as the layer's
+    attention takes them."""
     cfg, dtype = self.cfg, x_BxLxD.dtype
     h = _normed(cfg, x_BxLxD, self.attn_norm)
     q = jnp.einsum('bld,dhe->blhe', h, self.wq_DxHxE[...].astype(dtype))
@@ -231,9 +256,11 @@ class Block(nnx.Module):
     freq_E2 = rope_frequencies(cfg)
     if cfg.rope_local_theta:
       freq_E2 = jnp.where(local, rope_frequencies(local_rope(cfg)), freq_E2)
-    q = rotary(q, positions_BxL, freq_E2)
-    k = rotary(k, positions_BxL, freq_E2)
-    attn_BxLxHxE = checkpoint_name(_attend(cfg, attention, local, q, k, v, segment_ids_BxL), 'attention')
+    return rotary(q, positions_BxL, freq_E2), rotary(k, positions_BxL, freq_E2), v
+
+  def _after_attention(self, x_BxLxD: jax.Array, attn_BxLxHxE: jax.Array) -> jax.Array:
+    """The attention's output projection and residual, then the MLP and its residual."""
+    cfg, dtype = self.cfg, x_BxLxD.dtype
     out_BxLxD = jnp.einsum('blhe,hed->bld', attn_BxLxHxE, self.wo_HxExD[...].astype(dtype))
     if cfg.post_norms:
       out_BxLxD = _normed(cfg, out_BxLxD, self.attn_out_norm)
@@ -264,6 +291,31 @@ def _attend(cfg: ModelConfig, attention: Attention, local: jax.Array, q, k, v, s
   # The kernels take the window as a static size, so a stack of mixed layers picks one
   # of two compiled calls per layer.
   return jax.lax.cond(local, functools.partial(attention, window=window), attention, q, k, v, segment_ids)
+
+
+def cache_mask(positions_BxL: jax.Array, slot_positions_BxS: jax.Array, window: int, local: jax.Array) -> jax.Array:
+  """[B, 1, L, S] booleans: the query at each position may attend to the cache slot
+  (one document per row: the slot holds a position, not -1, at most the query's, and
+  within the window when the layer is `local`)."""
+  q_BxLx1, k_Bx1xS = positions_BxL[:, :, None], slot_positions_BxS[:, None, :]
+  visible = (k_Bx1xS >= 0) & (k_Bx1xS <= q_BxLx1)
+  if window:
+    visible &= ~local | (q_BxLx1 - k_Bx1xS < window)
+  return visible[:, None]
+
+
+class KVCache(NamedTuple):
+  """Every layer's keys and values of the tokens decoded so far, one document per row.
+  Slots are filled in order; a slot of padding, or not yet filled, has position -1."""
+  k_NxBxSxKxE: jax.Array
+  v_NxBxSxKxE: jax.Array
+  positions_BxS: jax.Array
+
+
+def empty_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+  """A cache of `length` slots per row, in the compute dtype."""
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), jnp.full((batch, length), -1, jnp.int32))
 
 
 # What the backward pass keeps of each layer's forward pass; the rest it recomputes.
@@ -303,10 +355,7 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
                attention: Attention = reference) -> jax.Array:
     cfg = self.cfg
-    x_BxLxD = self.embed_VxD[...].astype(cfg.dtype)[tokens_BxL]
-    if cfg.embed_scale:
-      x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
-
+    x_BxLxD = self._embed(tokens_BxL)
     graphdef, layers = nnx.split(self.layers)
 
     def layer(x, layer_params_and_local):
@@ -317,6 +366,34 @@ class Transformer(nnx.Module):
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
     x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (layers, jnp.asarray(local_layers(cfg))))
     return _normed(cfg, x_BxLxD, self.final_norm)
+
+  def decode(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, cache: KVCache,
+             index: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Final hidden states [B, L, D] of L new tokens per row, each row one document
+    whose earlier tokens are in `cache`; the tokens go into slots [index, index + L).
+    A position of -1 is padding, which no token attends to. Equals `__call__` over the
+    whole document, computed once per token."""
+    cfg = self.cfg
+    x_BxLxD = self._embed(tokens_BxL)
+    slot_positions_BxS = jax.lax.dynamic_update_slice_in_dim(cache.positions_BxS, positions_BxL, index, axis=1)
+    graphdef, layers = nnx.split(self.layers)
+
+    def layer(x, inputs):
+      layer_params, local, k_BxSxKxE, v_BxSxKxE = inputs
+      x, k_BxSxKxE, v_BxSxKxE = nnx.merge(graphdef, layer_params).cached(
+          x, positions_BxL, local, k_BxSxKxE, v_BxSxKxE, slot_positions_BxS, index)
+      return x, (k_BxSxKxE, v_BxSxKxE)
+
+    x_BxLxD, (k, v) = jax.lax.scan(layer, x_BxLxD, (layers, jnp.asarray(local_layers(cfg)), cache.k_NxBxSxKxE,
+                                                    cache.v_NxBxSxKxE))
+    return _normed(cfg, x_BxLxD, self.final_norm), KVCache(k, v, slot_positions_BxS)
+
+  def _embed(self, tokens_BxL: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    x_BxLxD = self.embed_VxD[...].astype(cfg.dtype)[tokens_BxL]
+    if cfg.embed_scale:
+      x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
+    return x_BxLxD
 
   def unembedding(self) -> jax.Array:
     """The [D, V] output matrix (the transposed embedding when tied), float32."""

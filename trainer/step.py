@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kernels import TokenLosses
+from kernels import TokenLosses, ce_and_rank
 from kernels.attention import Attention
 from trainer import sharding
 from trainer.model import ModelConfig, Transformer
@@ -181,6 +181,20 @@ def make_eval_step(graphdef: nnx.GraphDef, losses: LossFn, attention: Attention,
   return eval_step
 
 
+def make_likelihood_step(graphdef: nnx.GraphDef, attention: Attention,
+                         chunk: int) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
+  """Per token, [B, L]: log p(target), and whether the target is the model's most likely
+  token (a tie counts as most likely). The evaluation tasks' scores (trainer/tasks.py)."""
+
+  def likelihood_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    h_TxD, w_DxV = _hidden(graphdef, params, batch, attention)
+    ce_T, rank_T = ce_and_rank(h_TxD, w_DxV, batch['targets'].reshape(-1), chunk=chunk)
+    shape = batch['targets'].shape
+    return -ce_T.reshape(shape), (rank_T == 0).reshape(shape)
+
+  return likelihood_step
+
+
 BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'weights')
 
 
@@ -192,6 +206,12 @@ def jit_steps(train_step, eval_step, shardings: TrainState, batch_sharding, mesh
                   out_shardings=(shardings, replicated), donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(shardings.params, batch_shardings), out_shardings=replicated)
   return train, evaluate
+
+
+def jit_likelihood_step(likelihood_step, param_shardings: nnx.State, batch_sharding, mesh: Mesh):
+  """The likelihood step under jit; its outputs are replicated, so every host reads every row."""
+  return jax.jit(likelihood_step, in_shardings=(param_shardings, dict.fromkeys(BATCH_KEYS, batch_sharding)),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def jit_distillation_step(train_step, shardings: TrainState, batch_sharding, teacher_shardings, mesh: Mesh):

@@ -15,18 +15,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 import kernels
 from kernels import attention
-from trainer import DISTRIBUTION, checkpoint, corpus, data, memory, metrics, progress, salt, sharding, step
-from trainer.config import mesh_shape, validate
+from trainer import DISTRIBUTION, checkpoint, corpus, data, memory, metrics, progress, salt, sharding, step, tasks
+from trainer.checkpoint_files import checkpoint_tokenizer, read_checkpoint
+from trainer.config import defaults, mesh_shape, validate
 from trainer.errors import Diverged, Preempted, UserError
 from trainer.lock import RunLock
 from trainer.model import ModelConfig, flops_per_token, param_count
 from trainer.optimizer import learning_rate_schedule, make_optimizer
 from trainer.prepare import FORMAT, prepare, read_manifest
+from trainer.tokenizer import Tokenizer, load as load_tokenizer
 
 log = logging.getLogger('salt')
 
@@ -99,12 +102,13 @@ def versions() -> dict[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """What a config compiles to on one mesh: state initialisation and the two steps."""
+  """What a config compiles to on one mesh: state initialisation and the steps."""
   init: Callable[[int], step.TrainState]
   abstract_state: step.TrainState
   train_step: Callable
   distillation_step: Callable[[salt.Teacher], Callable]
   eval_step: Callable
+  likelihood_step: tasks.LikelihoodStep  # the evaluation tasks'
   batch_sharding: NamedSharding
 
 
@@ -184,9 +188,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, token_bytes: np.ndarray
                              distillation=distillation, micro_batches=config.data.micro_batches),
         shardings, batch_sharding, jax.tree.map(lambda x: x.sharding, teacher.params), mesh)
 
+  likelihood_step = step.jit_likelihood_step(step.make_likelihood_step(graphdef, attend, config.loss.vocab_chunk),
+                                             shardings.params, batch_sharding, mesh)
   return Program(init=functools.partial(step.init_state, model_cfg, tx, shardings=shardings),
                  abstract_state=step.abstract_state(model_cfg, tx, shardings), train_step=train_step,
-                 distillation_step=distillation_step, eval_step=eval_step, batch_sharding=batch_sharding)
+                 distillation_step=distillation_step, eval_step=eval_step, likelihood_step=likelihood_step,
+                 batch_sharding=batch_sharding)
 
 
 def evaluate(program: Program, params, stream: data.TokenStream, config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -199,6 +206,62 @@ def evaluate(program: Program, params, stream: data.TokenStream, config: ml_coll
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   return {'eval_loss': totals['loss_sum'] / max(totals['tokens'], 1.0),
           'eval_bits_per_byte': metrics.bits_per_byte(totals['loss_sum'], totals['bytes'])}
+
+
+def task_files(names: list[str]) -> list[Path]:
+  """eval.tasks' files: each a path, or a task of the embedded corpus (corpus.TASKS),
+  built from its validation plays."""
+  if not set(names) & set(corpus.TASKS):
+    return [Path(n) for n in names]
+  directory = corpus.task_dir()
+  # Built afresh at every start (a tenth of a second), so a file is never one that older code
+  # built; one process writes them (the others may share its disk) while the rest wait.
+  if jax.process_index() == 0:
+    corpus.write_tasks(corpus.shakespeare_texts(), directory)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('corpus tasks written')
+  return [directory / f'{n}.jsonl' if n in corpus.TASKS else Path(n) for n in names]
+
+
+def open_tasks(config: ml_collections.ConfigDict, program: Program, tokenizer: Tokenizer) -> tasks.Evaluator | None:
+  """The tasks eval.tasks names, encoded for this model (None: no tasks)."""
+  named = tasks.names(config.eval.tasks)
+  if not named:
+    return None
+  return tasks.Evaluator(tasks.read_tasks(task_files(named)), tokenizer, seq_len=config.data.seq_len,
+                         shots=config.eval.task_shots, separator=config.eval.task_separator,
+                         step=program.likelihood_step, batch_sharding=program.batch_sharding,
+                         global_batch=config.data.global_batch_size)
+
+
+def task_metrics(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+  """Each task's metrics as logged: tasks/NAME/METRIC."""
+  return {f'tasks/{name}/{metric}': value for name, task in scores.items() for metric, value in task.items()}
+
+
+def evaluate_checkpoint(path: Path, task_setting: str | list[str] | None = None, shots: int | None = None,
+                        tokenizer: Path | None = None) -> list[dict]:
+  """`salt eval`: each task's metrics on a checkpoint, with the code and config of
+  in-run evaluation; `task_setting` and `shots` replace eval.tasks and eval.task_shots."""
+  meta_config, params = read_checkpoint(path)
+  given = {k: v for k, v in (('tasks', task_setting), ('task_shots', shots)) if v is not None}
+  # A checkpoint of a run before evaluation tasks existed has no task settings: the defaults'.
+  config = ml_collections.ConfigDict(
+      {**meta_config, 'eval': {**defaults().eval.to_dict(), **meta_config['eval'], **given}})
+  if not tasks.names(config.eval.tasks):
+    raise UserError(f'{path} was trained with no eval.tasks; name the tasks with --tasks FILE.jsonl,...')
+  if config.eval.task_shots < 0:
+    raise UserError(f'--shots {config.eval.task_shots} must be >= 0')
+  tok = checkpoint_tokenizer(path, meta_config, tokenizer)
+  mesh = make_mesh(config)
+  program = build(config, mesh, tok.token_bytes())
+  evaluator = open_tasks(config, program, tok)
+  _, state = step.abstract_model(ModelConfig(**config.model))
+  nnx.replace_by_pure_dict(state, params)
+  scores = evaluator(jax.device_put(state, jax.tree.map(lambda x: x.sharding, program.abstract_state.params)))
+  step_number = int(Path(path).name)
+  return [{'task': t.name, 'file': str(t.path), 'step': step_number, 'examples': len(t.examples),
+           'shots': config.eval.task_shots, **scores[t.name]} for t in evaluator.tasks]
 
 
 def data_fingerprint(config: ml_collections.ConfigDict, manifest: dict, selection: np.ndarray | None) -> dict:
@@ -359,8 +422,14 @@ def _log(run: 'Run', state: step.TrainState, fetched: list[dict], done: int,
   """The logged record of step `done`: the mean metrics since the last, throughput, evaluation."""
   config = run.config
   record = {**mean_metrics(fetched), 'stage': 1 if done <= config.salt.n_kd else 2, **throughput(done)}
-  if run.data.eval and (done % config.eval.every_steps == 0 or done == config.total_steps):
+  last = done == config.total_steps
+  evaluating = run.data.eval and (done % config.eval.every_steps == 0 or last)
+  scoring = run.tasks and (done % (config.eval.task_every_steps or config.eval.every_steps) == 0 or last)
+  if evaluating:
     record.update(evaluate(run.program, state.params, run.data.eval, config))
+  if scoring:
+    record.update(task_metrics(run.tasks(state.params)))
+  if evaluating or scoring:
     throughput.restart(done)
   return record
 
@@ -405,6 +474,7 @@ class Run:
   fingerprint: dict  # what the batches depend on besides the step
   versions: dict
   flops_per_token: float
+  tasks: tasks.Evaluator | None  # eval.tasks, scored beside the loss
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str,
@@ -416,7 +486,9 @@ def open_run(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str
                     'or --config.salt.weight=0 for a stage 1 of selected data alone')
   mesh = make_mesh(config)
   run_data = open_data(config)
-  program = build(config, mesh, data.token_bytes(run_data.path / run_data.manifest['tokenizer']))
+  tok = load_tokenizer(run_data.path / run_data.manifest['tokenizer'])
+  program = build(config, mesh, tok.token_bytes())
+  evaluator = open_tasks(config, program, tok)
   # Before anything is allocated: a state too big for the devices is one line, not an
   # out-of-memory kill (`salt dryrun` checks the compiled step as well).
   memory.check_fits('the train state (parameters, optimizer moments)', memory.state_bytes(program.abstract_state),
@@ -438,7 +510,8 @@ def open_run(config: ml_collections.ConfigDict, workdir: epath.Path, resume: str
     state, train_seconds, data_changes = program.init(config.seed), 0.0, []
   run = Run(config=config, workdir=workdir, mesh=mesh, program=program, data=run_data, checkpoints=checkpoints,
             first_step=int(state.step), train_seconds=train_seconds, resolved=resolved, fingerprint=fingerprint,
-            versions=versions(), flops_per_token=flops_per_token(ModelConfig(**config.model), config.data.seq_len))
+            versions=versions(), flops_per_token=flops_per_token(ModelConfig(**config.model), config.data.seq_len),
+            tasks=evaluator)
   if jax.process_index() == 0:
     write_run_config(run, data_changes)
   describe(run)
