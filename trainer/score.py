@@ -60,6 +60,7 @@ from trainer.errors import UserError
 from trainer.lock import RunLock
 from trainer.prepare import read_manifest
 from trainer.progress import bar as progress_bar
+from trainer.step import hidden_and_unembedding
 
 log = logging.getLogger('salt')
 # A progress block: magic, how many entries follow, the CRC-32 of their bytes.
@@ -107,10 +108,8 @@ def make_score_step(graphdef: nnx.GraphDef, top_k: int, chunk: int, attention: A
   """(params, batch) -> per-token loss and whether the target is in the model's top k, [B, L]."""
 
   def score_step(params, batch):
-    model = nnx.merge(graphdef, params)
-    h = model(batch['inputs'], batch['positions'], batch['segment_ids'], attention)
-    loss, rank = ce_and_rank(h.reshape(-1, h.shape[-1]), model.unembedding(), batch['targets'].reshape(-1),
-                             chunk=chunk)
+    h_TxD, w_DxV = hidden_and_unembedding(graphdef, params, batch, attention)
+    loss, rank = ce_and_rank(h_TxD, w_DxV, batch['targets'].reshape(-1), chunk=chunk)
     shape = batch['targets'].shape
     return loss.reshape(shape), (rank < top_k).reshape(shape) & (batch['weights'] > 0)
 

@@ -91,7 +91,7 @@ class Distillation:
   teacher_top_k: int = 0
 
 
-def _hidden(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+def hidden_and_unembedding(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
             attention: Attention) -> tuple[jax.Array, jax.Array]:
   """[B*L, D] final hidden states and the [D, V] unembedding of a model."""
   model = nnx.merge(graphdef, params)
@@ -114,14 +114,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
   def loss_fn(params, batch, teacher_params, w, tokens):
     """The batch part's share of the loss, and of each metric: all sum over the parts."""
-    h_TxD, w_DxV = _hidden(graphdef, params, batch, attention)
+    h_TxD, w_DxV = hidden_and_unembedding(graphdef, params, batch, attention)
     targets_T, weights_T = batch['targets'].reshape(-1), batch['weights'].reshape(-1)
     # Each token's share of the mean: the loss kernels take it as a constant.
     share_T = weights_T / tokens
     if distillation is None:
       ce, _ = losses(h_TxD, w_DxV, targets_T, None, share_T)
       return ce, {'ce': ce}
-    h_t_TxG, w_t_GxV = _hidden(distillation.teacher_graphdef, teacher_params, batch,
+    h_t_TxG, w_t_GxV = hidden_and_unembedding(distillation.teacher_graphdef, teacher_params, batch,
                                  distillation.teacher_attention)
     kd_scale = distillation.tau ** 2 if distillation.tau_squared else 1.0
     loss, terms = losses(h_TxD, w_DxV, targets_T, (h_t_TxG, w_t_GxV), (1 - w) * share_T, w * kd_scale * share_T,
@@ -170,7 +170,7 @@ def make_eval_step(graphdef: nnx.GraphDef, losses: LossFn, attention: Attention,
 
   def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
     weights = batch['weights']
-    h_TxD, w_DxV = _hidden(graphdef, params, batch, attention)
+    h_TxD, w_DxV = hidden_and_unembedding(graphdef, params, batch, attention)
     loss_sum, _ = losses(h_TxD, w_DxV, batch['targets'].reshape(-1), None, weights.reshape(-1))
     return {
         'loss_sum': loss_sum,
@@ -187,7 +187,7 @@ def make_likelihood_step(graphdef: nnx.GraphDef, attention: Attention,
   token (a tie counts as most likely). The evaluation tasks' scores (trainer/tasks.py)."""
 
   def likelihood_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    h_TxD, w_DxV = _hidden(graphdef, params, batch, attention)
+    h_TxD, w_DxV = hidden_and_unembedding(graphdef, params, batch, attention)
     ce_T, rank_T = ce_and_rank(h_TxD, w_DxV, batch['targets'].reshape(-1), chunk=chunk)
     shape = batch['targets'].shape
     return -ce_T.reshape(shape), (rank_T == 0).reshape(shape)
